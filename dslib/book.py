@@ -1,0 +1,880 @@
+"""The course tool: the manifest, the exporter, the sync check, the chapter runner and the claims ledger.
+
+Hand-written plumbing (DESIGN.md, "How code flows from a chapter into dslib"); no chapter teaches it.
+
+    python -m dslib.book export     write dslib/<module>.py from the chapters' `#| export` cells
+    python -m dslib.book check      fail when a generated module, a notebook pair or the manifest is out of step
+    python -m dslib.book list       the chapters, their modules, budgets and papers
+    python -m dslib.book run [00 ...] [--scale small|full] [--timeout SECONDS]
+                                    execute chapters' notebooks, timed against their budgets
+    python -m dslib.book ledger     every chapter's claims ledger: the paper's claims next to our measurements
+
+The manifest is `book.toml` at the root of the repository (the folder that holds it; `DSLIB_ROOT` overrides the search).
+Chapters are jupytext percent-format scripts, `chapters/NN_slug.py`, paired with `chapters/NN_slug.ipynb`. They use
+nbdev's directives: `#| default_exp NAME` once per chapter, and `#| export` (or `#| export NAME`) as the first line of
+each cell that belongs in dslib.
+
+The ledger half (`Ledger`) is also used from inside chapters, where only dslib's own dependencies are installed, so the
+notebook tooling (jupytext, nbformat, nbclient) is imported only by the commands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import re
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BookError",
+    "Book",
+    "Chapter",
+    "Cell",
+    "RunResult",
+    "Ledger",
+    "MANIFEST",
+    "GENERATED_MARK",
+    "find_root",
+    "load_book",
+    "build_dir",
+    "parse_cells",
+    "chapter_modules",
+    "export",
+    "check",
+    "run_chapters",
+    "read_ledgers",
+    "format_table",
+    "main",
+]
+
+MANIFEST = "book.toml"
+GENERATED_MARK = "# GENERATED FILE"
+DEFAULT_TIMEOUT_S = 600
+
+_BOOK_FIELDS = {"title": str, "package": str, "repository": str}
+_CHAPTER_FIELDS = ("number", "title", "notebook", "source", "modules", "papers", "budget_s")
+
+
+class BookError(Exception):
+    """A problem with the manifest, a chapter's directives or the files they name; the message says which."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """One `[[chapter]]` entry of book.toml. Paths are relative to the root, as written there."""
+
+    number: str
+    title: str
+    notebook: str
+    source: str
+    modules: tuple[str, ...]
+    papers: tuple[str, ...]
+    budget_s: int
+
+
+@dataclass(frozen=True)
+class Book:
+    """The whole manifest: the `[book]` table and the chapters in order."""
+
+    root: Path
+    title: str
+    package: str
+    repository: str
+    chapters: tuple[Chapter, ...]
+
+    def chapter(self, number: str) -> Chapter:
+        """The chapter with this number ("00"); a `BookError` listing the numbers when there is none."""
+        for chapter in self.chapters:
+            if chapter.number == number:
+                return chapter
+        known = ", ".join(c.number for c in self.chapters) or "none"
+        raise BookError(f"{MANIFEST}: no chapter {number!r} (chapters: {known})")
+
+    def owner(self, module: str) -> Chapter | None:
+        """The chapter that owns a dslib module, or None."""
+        for chapter in self.chapters:
+            if module in chapter.modules:
+                return chapter
+        return None
+
+    @property
+    def modules(self) -> list[str]:
+        """Every generated module, in chapter order."""
+        return [m for chapter in self.chapters for m in chapter.modules]
+
+    def module_path(self, module: str) -> Path:
+        """Where a generated module lives: <root>/<package>/<module>.py."""
+        return self.root / self.package / f"{module}.py"
+
+
+def find_root(start: Path | str | None = None) -> Path:
+    """The folder that holds book.toml: `DSLIB_ROOT` when set, else the first one found walking up from `start`
+    (default: the current directory). Raises `BookError` when there is none."""
+    env = os.environ.get("DSLIB_ROOT", "").strip()
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not (root / MANIFEST).is_file():
+            raise BookError(f"DSLIB_ROOT={env!r} has no {MANIFEST}")
+        return root
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / MANIFEST).is_file():
+            return folder
+    raise BookError(
+        f"no {MANIFEST} found in {here} or any folder above it: run from inside the course repository, "
+        f"or set DSLIB_ROOT to its root"
+    )
+
+
+def _field(table: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    """`table[name]`, checked to be present and of type `kind` (bools are not ints)."""
+    if name not in table:
+        raise BookError(f"{MANIFEST}: {where}: missing field '{name}'")
+    value = table[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BookError(f"{MANIFEST}: {where}: field '{name}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _str_list(table: dict[str, Any], name: str, where: str) -> tuple[str, ...]:
+    """`table[name]`, checked to be a list of strings."""
+    value = _field(table, name, list, where)
+    for item in value:
+        if not isinstance(item, str):
+            raise BookError(f"{MANIFEST}: {where}: field '{name}' must be a list of strings, got item {item!r}")
+    return tuple(value)
+
+
+def _parse_chapter(entry: Any, index: int) -> Chapter:
+    """Validate one `[[chapter]]` table (index counts from 1, for messages before the number is known)."""
+    where = f"[[chapter]] #{index}"
+    if not isinstance(entry, dict):
+        raise BookError(f"{MANIFEST}: {where} must be a table, got {entry!r}")
+    unknown = sorted(set(entry) - set(_CHAPTER_FIELDS))
+    if unknown:
+        raise BookError(f"{MANIFEST}: {where}: unknown field(s) {unknown}; allowed: {list(_CHAPTER_FIELDS)}")
+    number = _field(entry, "number", str, where)
+    if not re.fullmatch(r"[0-9A-Za-z_-]+", number):
+        raise BookError(f"{MANIFEST}: {where}: field 'number' must be a string like \"00\", got {number!r}")
+    where = f"chapter {number}"
+    title = _field(entry, "title", str, where)
+    notebook = _field(entry, "notebook", str, where)
+    source = _field(entry, "source", str, where)
+    if not notebook.endswith(".ipynb"):
+        raise BookError(f"{MANIFEST}: {where}: field 'notebook' must name an .ipynb file, got {notebook!r}")
+    if not source.endswith(".py"):
+        raise BookError(f"{MANIFEST}: {where}: field 'source' must name a .py file, got {source!r}")
+    modules = _str_list(entry, "modules", where)
+    for module in modules:
+        if not module.isidentifier() or module.startswith("_"):
+            raise BookError(
+                f"{MANIFEST}: {where}: field 'modules' holds {module!r}, which is not a public module name"
+            )
+    if len(set(modules)) != len(modules):
+        raise BookError(f"{MANIFEST}: {where}: field 'modules' lists a module twice: {list(modules)}")
+    papers = _str_list(entry, "papers", where)
+    budget_s = _field(entry, "budget_s", int, where)
+    if budget_s <= 0:
+        raise BookError(f"{MANIFEST}: {where}: field 'budget_s' must be > 0 seconds, got {budget_s}")
+    return Chapter(number, title, notebook, source, modules, papers, budget_s)
+
+
+def load_book(root: Path | str | None = None) -> Book:
+    """Read and validate `<root>/book.toml` (root: default `find_root()`).
+
+    Checks the fields and their types, that chapter numbers are unique and that every module has one owner; it does
+    not look at the files the manifest names (`check` does). Raises `BookError` naming book.toml and the field.
+    """
+    root = Path(root).resolve() if root is not None else find_root()
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BookError(f"{MANIFEST} not found in {root}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise BookError(f"{MANIFEST}: not valid TOML: {err}") from None
+    meta = data.get("book")
+    if not isinstance(meta, dict):
+        raise BookError(f"{MANIFEST}: missing the [book] table (title, package, repository)")
+    title, package, repository = (_field(meta, name, kind, "[book]") for name, kind in _BOOK_FIELDS.items())
+    if not package.isidentifier():
+        raise BookError(f"{MANIFEST}: [book]: field 'package' must be a package name, got {package!r}")
+    entries = data.get("chapter", [])
+    if not isinstance(entries, list):
+        raise BookError(f"{MANIFEST}: 'chapter' must be an array of tables ([[chapter]])")
+    chapters = tuple(_parse_chapter(entry, i) for i, entry in enumerate(entries, start=1))
+    seen: dict[str, Chapter] = {}
+    owners: dict[str, Chapter] = {}
+    for chapter in chapters:
+        if chapter.number in seen:
+            raise BookError(f"{MANIFEST}: field 'number': chapter number {chapter.number!r} is used twice")
+        seen[chapter.number] = chapter
+        for module in chapter.modules:
+            if module in owners:
+                raise BookError(
+                    f"{MANIFEST}: field 'modules': module {module!r} has two owners: "
+                    f"chapter {owners[module].number} and chapter {chapter.number}"
+                )
+            owners[module] = chapter
+    return Book(root, title, package, repository, chapters)
+
+
+def build_dir(root: Path | None = None) -> Path:
+    """Where runs write their outputs: `DSLIB_BUILD` when set, else `<root>/_build` (root: the repository's, or the
+    current directory when dslib is used outside the repository)."""
+    env = os.environ.get("DSLIB_BUILD", "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    if root is None:
+        try:
+            root = find_root()
+        except BookError:
+            root = Path.cwd()
+    return Path(root) / "_build"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chapters: cells, directives, export
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A cell of a percent-format script: its kind ("code", "markdown", "raw"), the 1-based line number of its
+    `# %%` marker, and the lines after the marker up to the next one."""
+
+    kind: str
+    line: int
+    lines: tuple[str, ...]
+
+
+# As jupytext reads them: `# %%` alone, or followed by a space and a title and/or [cell type] and metadata.
+_MARKER = re.compile(r"^\s*#\s*%%(?:\s(?P<rest>.*))?$")
+_NON_CODE = re.compile(r"\[(markdown|md|raw)\]")
+_DIRECTIVE = re.compile(r"^#\|\s*(?P<name>[\w-]+)(?P<args>.*)$")
+_EXPORTS = {"export", "exporti", "exports"}
+
+
+def parse_cells(text: str) -> list[Cell]:
+    """Split a jupytext percent-format script into cells. Lines before the first `# %%` (the header) are skipped."""
+    cells: list[Cell] = []
+    kind, start, body = "", 0, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = _MARKER.match(line)
+        if match:
+            if kind:
+                cells.append(Cell(kind, start, tuple(body)))
+            found = _NON_CODE.search(match.group("rest") or "")
+            kind = {"md": "markdown"}.get(found.group(1), found.group(1)) if found else "code"
+            start, body = number, []
+        elif kind:
+            body.append(line)
+    if kind:
+        cells.append(Cell(kind, start, tuple(body)))
+    return cells
+
+
+def _directives(cell: Cell) -> list[tuple[int, str, list[str]]]:
+    """The nbdev directives at the top of a code cell: (line number, name, arguments), e.g. (12, "export", ["mla"])."""
+    found = []
+    for offset, line in enumerate(cell.lines, start=1):
+        if not line.strip():
+            continue
+        match = _DIRECTIVE.match(line.strip())
+        if not match:
+            break
+        found.append((cell.line + offset, match.group("name"), match.group("args").split()))
+    return found
+
+
+def _strip_blank(lines: Sequence[str]) -> list[str]:
+    """Drop leading and trailing blank lines."""
+    lines = list(lines)
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def _header(chapter: Chapter) -> str:
+    """The two comment lines that open a generated module."""
+    return (
+        f"{GENERATED_MARK}: do not edit. Written by `python -m dslib.book export` from {chapter.source} "
+        f"(chapter {chapter.number}).\n"
+        "# Edit the chapter, then run the export again.\n"
+    )
+
+
+def chapter_modules(book: Book, chapter: Chapter) -> dict[str, str]:
+    """The text of every module a chapter exports, {module: text}, from its source's `#| export` cells.
+
+    Raises `BookError` naming the source and line when a cell exports to a module the chapter does not own, when a
+    bare `#| export` has no `#| default_exp` to go to, when `#| default_exp` appears twice, or when a module the
+    chapter owns gets no export cell.
+    """
+    path = book.root / chapter.source
+    if not path.is_file():
+        raise BookError(f"{chapter.source} does not exist (chapter {chapter.number} in {MANIFEST})")
+    cells = [cell for cell in parse_cells(path.read_text(encoding="utf-8")) if cell.kind == "code"]
+    owned = ", ".join(chapter.modules) or "nothing"
+
+    def unowned(line: int, module: str, directive: str) -> BookError:
+        return BookError(
+            f"{chapter.source}, line {line}: `{directive}` targets module {module!r}, which chapter "
+            f"{chapter.number} does not own in {MANIFEST} (it owns: {owned})"
+        )
+
+    default: str | None = None
+    default_line = 0
+    for cell in cells:
+        for line, name, args in _directives(cell):
+            if name != "default_exp":
+                continue
+            if len(args) != 1:
+                raise BookError(f"{chapter.source}, line {line}: `#| default_exp` takes one module name")
+            if default is not None:
+                raise BookError(
+                    f"{chapter.source}, line {line}: a second `#| default_exp` (the first is at line {default_line})"
+                )
+            default, default_line = args[0], line
+            if default not in chapter.modules:
+                raise unowned(line, default, f"#| default_exp {default}")
+
+    parts: dict[str, list[str]] = {module: [] for module in chapter.modules}
+    for cell in cells:
+        directives = _directives(cell)
+        if not directives or directives[0][1] not in _EXPORTS:
+            continue
+        line, name, args = directives[0]
+        if len(args) > 1:
+            raise BookError(f"{chapter.source}, line {line}: `#| {name}` takes at most one module name, got {args}")
+        if args:
+            module = args[0]
+            if module not in parts:
+                raise unowned(line, module, f"#| {name} {module}")
+        elif default is None:
+            raise BookError(
+                f"{chapter.source}, line {line}: `#| {name}` without a module name, and the chapter has no "
+                f"`#| default_exp`"
+            )
+        else:
+            module = default
+        directive_lines = {number for number, _, _ in directives}
+        body = [text for offset, text in enumerate(cell.lines, start=1) if cell.line + offset not in directive_lines]
+        code = "\n".join(_strip_blank(body))
+        if code:
+            parts[module].append(code)
+
+    for module, cell_texts in parts.items():
+        if not cell_texts:
+            raise BookError(
+                f"{chapter.source}: chapter {chapter.number} owns module {module!r} in {MANIFEST}, "
+                f"but no `#| export` cell exports to it"
+            )
+    return {module: _header(chapter) + "\n" + "\n\n\n".join(texts) + "\n" for module, texts in parts.items()}
+
+
+def _is_generated(path: Path) -> bool:
+    """True when a file's first line is the generated-file header."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().startswith(GENERATED_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _rel(book: Book, path: Path) -> str:
+    """A path as the messages show it: relative to the root, with forward slashes."""
+    try:
+        return path.relative_to(book.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def export(root: Path | str | None = None, force: bool = False) -> list[Path]:
+    """Write every chapter's modules into the package; return the files that changed (unchanged ones are left alone).
+
+    Everything is computed before anything is written, so an error in one chapter writes nothing. An existing module
+    that is hand-written (no generated-file header) is not replaced unless `force` is set.
+    """
+    book = load_book(root)
+    texts: dict[Path, str] = {}
+    for chapter in book.chapters:
+        for module, text in chapter_modules(book, chapter).items():
+            path = book.module_path(module)
+            if path.exists() and not force and not _is_generated(path):
+                raise BookError(
+                    f"{_rel(book, path)} exists and is hand-written (its first line is not `{GENERATED_MARK}...`), "
+                    f"but chapter {chapter.number} owns module {module!r} in {MANIFEST}: move it away, or rerun "
+                    f"with --force to replace it with the chapter's export"
+                )
+            texts[path] = text
+    written = []
+    for path, text in texts.items():
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Check
+
+
+def _stored_outputs(notebook: dict[str, Any]) -> list[int]:
+    """The (1-based) code cells of a notebook that store outputs or an execution count."""
+    return [
+        i
+        for i, cell in enumerate(notebook.get("cells", []), start=1)
+        if cell.get("cell_type") == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
+    ]
+
+
+def _pair_difference(source: Path, notebook: Path) -> str | None:
+    """How a chapter's .py and .ipynb differ, comparing (cell type, stripped source) cell by cell; None when alike."""
+    import jupytext
+
+    def cells(path: Path) -> list[tuple[str, str]]:
+        nb = jupytext.read(path)
+        return [(cell.cell_type, cell.source.strip()) for cell in nb.cells]
+
+    from_py, from_nb = cells(source), cells(notebook)
+    for i, (a, b) in enumerate(zip(from_py, from_nb), start=1):
+        if a != b:
+            return f"first difference at cell {i}"
+    if len(from_py) != len(from_nb):
+        return f"the .py has {len(from_py)} cells, the .ipynb {len(from_nb)}"
+    return None
+
+
+def _check_chapter(book: Book, chapter: Chapter) -> list[str]:
+    """The problems with one chapter: its files, its pairing, its stored outputs, and its generated modules."""
+    problems = []
+    source, notebook = book.root / chapter.source, book.root / chapter.notebook
+    for kind, path in (("source", source), ("notebook", notebook)):
+        if not path.is_file():
+            problems.append(f"{MANIFEST}: chapter {chapter.number}'s {kind} {_rel(book, path)} does not exist")
+
+    if source.is_file():
+        if book.repository not in source.read_text(encoding="utf-8"):
+            problems.append(
+                f"{chapter.source} does not contain the repository address {book.repository} from {MANIFEST} "
+                f"(its set-up cell installs {book.package} from there)"
+            )
+        try:
+            modules = chapter_modules(book, chapter)
+        except BookError as err:
+            problems.append(str(err))
+        else:
+            for module, text in modules.items():
+                path = book.module_path(module)
+                if not path.is_file():
+                    problems.append(
+                        f"{_rel(book, path)} is missing ({chapter.source} exports it): "
+                        f"run `python -m dslib.book export`"
+                    )
+                elif path.read_text(encoding="utf-8") != text:
+                    problems.append(
+                        f"{_rel(book, path)} differs from what {chapter.source} exports: "
+                        f"run `python -m dslib.book export`"
+                    )
+
+    if notebook.is_file():
+        try:
+            stored = json.loads(notebook.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            problems.append(f"{chapter.notebook} is not a readable notebook: {err}")
+            return problems
+        dirty = _stored_outputs(stored)
+        if dirty:
+            problems.append(
+                f"{chapter.notebook} stores outputs or execution counts (code cells {', '.join(map(str, dirty))}): "
+                f"strip them (`jupytext --to ipynb {chapter.source}` regenerates it clean)"
+            )
+        if source.is_file():
+            try:
+                difference = _pair_difference(source, notebook)
+            except ImportError:
+                problems.append(
+                    "jupytext is not installed, so the chapter pairs cannot be compared: pip install -e '.[dev]'"
+                )
+            except Exception as err:  # a notebook jupytext cannot read
+                problems.append(f"{chapter.notebook} could not be compared with {chapter.source}: {err}")
+            else:
+                if difference:
+                    problems.append(
+                        f"{chapter.notebook} is out of sync with {chapter.source} ({difference}): "
+                        f"run `jupytext --sync {chapter.source}`"
+                    )
+    return problems
+
+
+def check(root: Path | str | None = None) -> list[str]:
+    """Everything that is out of step in the book, as a list of messages that each name the file; [] when all is well.
+
+    Looks for: a manifest that does not validate or names missing files; generated modules that are missing or differ
+    from what their chapter exports; export directives that do not match the manifest; a chapter whose .py and .ipynb
+    differ or whose notebook stores outputs; a chapter source without the repository address; and generated modules
+    that no chapter owns any more.
+    """
+    try:
+        book = load_book(root)
+    except BookError as err:
+        return [str(err)]
+    problems = [problem for chapter in book.chapters for problem in _check_chapter(book, chapter)]
+    package = book.root / book.package
+    owned = set(book.modules)
+    if package.is_dir():
+        for path in sorted(package.glob("*.py")):
+            if path.stem not in owned and _is_generated(path):
+                problems.append(
+                    f"{_rel(book, path)} is a generated module that no chapter owns in {MANIFEST}: "
+                    f"delete it, or list it under its chapter's modules"
+                )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table: a header, a rule, one line per row; columns of numbers right-aligned, the rest left."""
+    table = [list(row) for row in rows]
+    for row in table:
+        if len(row) != len(headers):
+            raise ValueError(f"a table row has {len(row)} cells for {len(headers)} columns: {row!r}")
+    right = [
+        bool(table) and all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) for row in table)
+        for i in range(len(headers))
+    ]
+    text = [[("" if value is None else str(value)).replace("\n", " ") for value in row] for row in table]
+    widths = [max([len(str(h))] + [len(row[i]) for row in text]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str], align_right: Sequence[bool]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, align_right)).rstrip()
+
+    lines = [line([str(h) for h in headers], right), line(["-" * w for w in widths], right)]
+    lines += [line(row, right) for row in text]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Running chapters
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How one chapter's run went: its time, its status ("ok", "over budget" or "FAILED: ...") and the executed
+    notebook's path."""
+
+    chapter: Chapter
+    seconds: float
+    status: str
+    output: Path
+
+    @property
+    def failed(self) -> bool:
+        """True when the chapter raised, timed out or could not be run."""
+        return self.status.startswith("FAILED")
+
+
+def _first_line(err: BaseException) -> str:
+    """A one-line summary of an exception; for a failed cell, the error the cell raised."""
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    if ename:
+        text = f"{ename}: {evalue}" if evalue else str(ename)
+    else:
+        text = str(err)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def run_chapters(
+    numbers: Sequence[str] | None = None,
+    scale: str | None = None,
+    timeout: int | None = DEFAULT_TIMEOUT_S,
+    root: Path | str | None = None,
+    echo: Callable[[str], None] = print,
+) -> list[RunResult]:
+    """Execute chapters' notebooks, in order, and time each against its budget.
+
+    numbers: chapter numbers ("00"); all chapters when None or empty.
+    scale: "small" or "full"; default `dslib.scale()`.
+    timeout: seconds each cell may run (None: no limit).
+    Each notebook runs with nbclient in a "python3" kernel of the current Python, in the notebook's folder, with
+    DSLIB_STATIC=1, DSLIB_SCALE, DSLIB_ROOT and DSLIB_BUILD set and the root first on PYTHONPATH, so the chapter
+    imports this checkout's dslib. The executed notebook (failed or not) is written to <build>/notebooks/.
+    `echo` reports progress, a line as each chapter starts.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    from dslib import SCALES
+    from dslib import scale as current_scale
+
+    book = load_book(root)
+    chapters = [book.chapter(n) for n in numbers] if numbers else list(book.chapters)
+    scale = scale or current_scale()
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    out_dir = build_dir(book.root) / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update(
+        DSLIB_STATIC="1",
+        DSLIB_SCALE=scale,
+        DSLIB_ROOT=str(book.root),
+        DSLIB_BUILD=str(build_dir(book.root)),
+        PYTHONPATH=os.pathsep.join(p for p in (str(book.root), env.get("PYTHONPATH", "")) if p),
+    )
+    results = []
+    for i, chapter in enumerate(chapters, start=1):
+        path = book.root / chapter.notebook
+        output = out_dir / path.name
+        echo(f"[{i}/{len(chapters)}] chapter {chapter.number}: {chapter.notebook} at scale {scale} ...")
+        if not path.is_file():
+            results.append(RunResult(chapter, 0.0, f"FAILED: {chapter.notebook} does not exist", output))
+            continue
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        )
+        start = time.perf_counter()
+        try:
+            client.execute(env=env)
+        except Exception as err:  # a failing chapter is reported, and the others still run
+            status = f"FAILED: {_first_line(err)}"
+        else:
+            status = "ok"
+        seconds = time.perf_counter() - start
+        if status == "ok" and seconds > chapter.budget_s:
+            status = "over budget"
+        nbformat.write(nb, output)
+        echo(f"    {status} in {seconds:.1f} s")
+        results.append(RunResult(chapter, seconds, status, output))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The claims ledger
+
+_HOLDS_TEXT = {True: "yes", False: "no", None: "n/a"}
+_HOLDS_MARK = {True: "\u2713", False: "\u2717", None: "\u2013"}
+_LEDGER_HEADERS = ("claim", "paper", "ours", "holds", "note")
+
+
+class Ledger:
+    """A chapter's claims ledger: each of the paper's claims next to what the chapter measured, and whether the
+    miniature reproduces it (DESIGN.md, "A chapter, from top to bottom", step 7).
+
+        ledger = Ledger("05")
+        ledger.add("GRPO needs no value model", paper="no critic", ours="no critic", holds=True)
+        ledger.add("AIME pass@1 rises to 71.0%", paper="71.0%", ours="n/a at this size", holds=None,
+                   note="our world has no AIME")
+        ledger.show()
+        ledger.save()   # _build/ledger/05.json, read by `python -m dslib.book ledger`
+    """
+
+    def __init__(self, chapter: str) -> None:
+        if not isinstance(chapter, str) or not re.fullmatch(r"[0-9A-Za-z_-]+", chapter):
+            raise ValueError(f"chapter must be a chapter number like \"00\", got {chapter!r}")
+        self.chapter = chapter
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, claim: str, paper: str, ours: str, holds: bool | None, note: str = "") -> None:
+        """Record one claim. paper, ours: what the paper reports and what we measured, as display strings.
+        holds: True (reproduced), False (not reproduced; say why in the note) or None (not comparable)."""
+        for name, value in (("claim", claim), ("paper", paper), ("ours", ours), ("note", note)):
+            if not isinstance(value, str):
+                raise TypeError(f"Ledger.add: {name} must be a str (format numbers yourself), got {value!r}")
+        if not claim.strip():
+            raise ValueError("Ledger.add: claim must not be empty")
+        if holds is not None and not isinstance(holds, bool):
+            raise TypeError(f"Ledger.add: holds must be True, False or None (not comparable), got {holds!r}")
+        self.rows.append({"claim": claim, "paper": paper, "ours": ours, "holds": holds, "note": note})
+
+    def text(self) -> str:
+        """The ledger as a plain-text table."""
+        return format_table(
+            _LEDGER_HEADERS,
+            [(r["claim"], r["paper"], r["ours"], _HOLDS_TEXT[r["holds"]], r["note"]) for r in self.rows],
+        )
+
+    def html(self) -> str:
+        """The ledger as an HTML table, with a \u2713 / \u2717 / \u2013 column."""
+        head = "".join(f"<th>{h}</th>" for h in _LEDGER_HEADERS)
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(_HOLDS_MARK[r['holds']] if key == 'holds' else r[key])}</td>"
+                for key in _LEDGER_HEADERS
+            )
+            + "</tr>"
+            for r in self.rows
+        )
+        caption = f"<caption>Claims ledger, chapter {html.escape(self.chapter)}</caption>"
+        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def show(self) -> None:
+        """Display the ledger: an HTML table in a notebook, a text table elsewhere."""
+        from dslib.explore import in_kernel
+
+        if in_kernel():
+            from IPython.display import display
+
+            display({"text/html": self.html(), "text/plain": self.text()}, raw=True)
+        else:
+            print(self.text())
+
+    def save(self, root: Path | str | None = None) -> Path:
+        """Write the ledger to <build>/ledger/<chapter>.json (build: `DSLIB_BUILD`, or _build under the root, or under
+        the current folder outside the repository); return the path."""
+        folder = build_dir(Path(root) if root is not None else None) / "ledger"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.chapter}.json"
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps({"chapter": self.chapter, "rows": self.rows}, indent=2, ensure_ascii=False)
+                             + "\n", encoding="utf-8")
+        temporary.replace(path)
+        return path
+
+
+def read_ledgers(root: Path | str | None = None) -> list[dict[str, Any]]:
+    """Every saved ledger, {"chapter": ..., "rows": [...]}, in order of chapter."""
+    folder = build_dir(Path(root) if root is not None else None) / "ledger"
+    ledgers = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BookError(f"{path.name} in {folder} is not a readable ledger: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            raise BookError(f"{path.name} in {folder} is not a ledger (no 'rows' list)")
+        ledgers.append({"chapter": str(data.get("chapter", path.stem)), "rows": data["rows"]})
+    return ledgers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def _plural(n: int, word: str) -> str:
+    """A count and a noun: 1 chapter, 3 modules."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    book = load_book(args.root)
+    written = export(book.root, force=args.force)
+    for path in written:
+        print(f"wrote {_rel(book, path)}")
+    print(f"book export: {_plural(len(book.modules), 'module')} from {_plural(len(book.chapters), 'chapter')}, "
+          f"{len(written)} written, {len(book.modules) - len(written)} unchanged")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve() if args.root else find_root()
+    problems = check(root)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"book check: {_plural(len(problems), 'problem')}")
+        return 1
+    book = load_book(root)
+    print(f"book check: {_plural(len(book.chapters), 'chapter')}, {_plural(len(book.modules), 'module')}, all in sync")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    book = load_book(args.root)
+    print(book.title)
+    print()
+    print(format_table(
+        ("chapter", "title", "modules", "budget (s)", "papers"),
+        [(c.number, c.title, ", ".join(c.modules), c.budget_s, "; ".join(c.papers)) for c in book.chapters],
+    ))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    results = run_chapters(args.chapters, scale=args.scale, timeout=args.timeout, root=args.root)
+    print()
+    print(format_table(
+        ("chapter", "seconds", "budget", "status"),
+        [(r.chapter.number, round(r.seconds, 1), r.chapter.budget_s, r.status) for r in results],
+    ))
+    if results:
+        print(f"executed notebooks: {results[0].output.parent}")
+    return 1 if any(r.failed for r in results) else 0
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve() if args.root else None
+    ledgers = read_ledgers(root)
+    rows = [
+        (ledger["chapter"], row.get("claim", ""), row.get("paper", ""), row.get("ours", ""),
+         _HOLDS_TEXT.get(row.get("holds"), str(row.get("holds"))), row.get("note", ""))
+        for ledger in ledgers
+        for row in ledger["rows"]
+    ]
+    if not rows:
+        folder = build_dir(root) / "ledger"
+        print(f"No claims ledger has been written yet (none in {folder}): run the chapters first, "
+              f"e.g. `python -m dslib.book run`.")
+        return 0
+    print(format_table(("chapter", *_LEDGER_HEADERS), rows))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dslib.book",
+        description="The course tool: export chapters into dslib, check the book, list, run and report chapters.",
+    )
+    parser.add_argument("--root", help="the folder holding book.toml (default: DSLIB_ROOT, or found from here)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export_cmd = commands.add_parser("export", help="write dslib's generated modules from the chapters")
+    export_cmd.add_argument("--force", action="store_true", help="replace hand-written files that a chapter owns")
+    export_cmd.set_defaults(handler=_cmd_export)
+    commands.add_parser("check", help="fail when anything is out of sync").set_defaults(handler=_cmd_check)
+    commands.add_parser("list", help="the chapters, their modules, budgets and papers").set_defaults(handler=_cmd_list)
+    run_cmd = commands.add_parser("run", help="execute chapters' notebooks and time them against their budgets")
+    run_cmd.add_argument("chapters", nargs="*", metavar="CHAPTER", help="chapter numbers, e.g. 00 (default: all)")
+    run_cmd.add_argument("--scale", choices=("small", "full"), help="default: dslib.scale()")
+    run_cmd.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                         help=f"the most seconds one cell may run (default: {DEFAULT_TIMEOUT_S})")
+    run_cmd.set_defaults(handler=_cmd_run)
+    commands.add_parser("ledger", help="every chapter's saved claims ledger").set_defaults(handler=_cmd_ledger)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 problems found or a chapter failed, 2 an error)."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except BookError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

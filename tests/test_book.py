@@ -1,0 +1,367 @@
+"""Tests of the course tool (dslib.book) and the explorers' static view (dslib.explore), on a small fake book."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import jupytext
+import pytest
+
+from dslib import book
+from dslib.book import BookError, Ledger, check, export, find_root, load_book, main
+from dslib.explore import default_value, explore, static_mode
+
+REPO = "https://github.com/example/demo-book"
+REAL_ROOT = Path(__file__).resolve().parents[1]
+
+MANIFEST = f"""\
+[book]
+title = "Demo Book"
+package = "dslib"
+repository = "{REPO}"
+
+[[chapter]]
+number = "07"
+title = "A demo chapter"
+notebook = "chapters/07_demo.ipynb"
+source = "chapters/07_demo.py"
+modules = ["alpha", "beta"]
+papers = ["A Paper (arXiv 0000.00000)"]
+budget_s = 60
+"""
+
+SOURCE = f"""\
+# %% [markdown]
+# # A demo chapter
+#
+# Install from {REPO} when dslib is missing.
+
+# %%
+#| default_exp alpha
+
+# %%
+#| export
+
+def one() -> int:
+    return 1
+
+
+# %%
+# a teaching step: not exported
+scratch = one() + 1
+
+# %%
+#| export beta
+from dslib.alpha import one
+
+def two() -> int:
+    return one() + 1
+
+# %%
+#|export
+def three() -> int:
+    return 3
+"""
+
+ALPHA = """\
+# GENERATED FILE: do not edit. Written by `python -m dslib.book export` from chapters/07_demo.py (chapter 07).
+# Edit the chapter, then run the export again.
+
+def one() -> int:
+    return 1
+
+
+def three() -> int:
+    return 3
+"""
+
+
+def write_notebook(source: Path) -> Path:
+    """Make the .ipynb from the .py the way `jupytext --sync` does with the project's jupytext.toml."""
+    nb = jupytext.read(source)
+    nb.metadata["jupytext"] = {"formats": "ipynb,py:percent"}
+    path = source.with_suffix(".ipynb")
+    jupytext.write(nb, path, fmt="ipynb")
+    return path
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake book: book.toml, one chapter pair exporting two modules, an empty dslib/ folder."""
+    (tmp_path / "book.toml").write_text(MANIFEST)
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "dslib").mkdir()
+    source = tmp_path / "chapters" / "07_demo.py"
+    source.write_text(SOURCE)
+    write_notebook(source)
+    monkeypatch.setenv("DSLIB_ROOT", str(tmp_path))
+    monkeypatch.delenv("DSLIB_BUILD", raising=False)
+    return tmp_path
+
+
+def test_find_root_and_load(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert find_root() == root
+    monkeypatch.delenv("DSLIB_ROOT")
+    assert find_root(root / "chapters") == root
+    monkeypatch.chdir(root / "dslib")
+    loaded = load_book()  # found from the current directory
+    assert loaded.root == root and loaded.repository == REPO
+    assert loaded.chapter("07").modules == ("alpha", "beta")
+    with pytest.raises(BookError, match="no chapter '99'"):
+        loaded.chapter("99")
+
+
+def test_export_writes_modules(root: Path) -> None:
+    written = export(root)
+    assert sorted(p.name for p in written) == ["alpha.py", "beta.py"]
+    assert (root / "dslib" / "alpha.py").read_text() == ALPHA
+    beta = (root / "dslib" / "beta.py").read_text()
+    assert beta.endswith("from dslib.alpha import one\n\ndef two() -> int:\n    return one() + 1\n")
+    assert "#| export" not in beta and "scratch" not in beta
+    assert export(root) == []  # a second export changes nothing
+
+
+def test_check_passes_after_export(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert check(root) != []  # nothing exported yet
+    export(root)
+    assert check(root) == []
+    assert main(["check"]) == 0
+    assert "book check: 1 chapter, 2 modules, all in sync" in capsys.readouterr().out
+
+
+def test_check_fails_on_hand_edited_module(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    export(root)
+    path = root / "dslib" / "beta.py"
+    path.write_text(path.read_text() + "\nFOUR = 4\n")
+    problems = check(root)
+    assert len(problems) == 1
+    assert "dslib/beta.py differs from what chapters/07_demo.py exports" in problems[0]
+    assert main(["check"]) == 1
+    assert "dslib/beta.py" in capsys.readouterr().out
+
+
+def test_check_fails_when_pair_out_of_sync(root: Path) -> None:
+    export(root)
+    source = root / "chapters" / "07_demo.py"
+    source.write_text(source.read_text() + "\n# %%\nprint('new cell')\n")
+    problems = check(root)
+    assert len(problems) == 1
+    assert "chapters/07_demo.ipynb is out of sync with chapters/07_demo.py" in problems[0]
+    write_notebook(source)
+    assert check(root) == []
+
+
+def test_check_fails_when_notebook_has_outputs(root: Path) -> None:
+    export(root)
+    path = root / "chapters" / "07_demo.ipynb"
+    nb = json.loads(path.read_text())
+    code = next(cell for cell in nb["cells"] if cell["cell_type"] == "code")
+    code["execution_count"] = 1
+    code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "hi\n"}]
+    path.write_text(json.dumps(nb))
+    problems = check(root)
+    assert len(problems) == 1 and "chapters/07_demo.ipynb stores outputs" in problems[0]
+
+
+def test_check_fails_when_module_has_two_owners(root: Path) -> None:
+    export(root)
+    second = MANIFEST.split("[[chapter]]")[1].replace('"07"', '"08"').replace('["alpha", "beta"]', '["gamma", "beta"]')
+    (root / "book.toml").write_text(MANIFEST + "\n[[chapter]]" + second)
+    problems = check(root)
+    assert problems == [
+        "book.toml: field 'modules': module 'beta' has two owners: chapter 07 and chapter 08"
+    ]
+    with pytest.raises(BookError, match="two owners"):
+        load_book(root)
+
+
+def test_check_fails_on_missing_file(root: Path) -> None:
+    export(root)
+    (root / "book.toml").write_text(MANIFEST.replace("chapters/07_demo.ipynb", "chapters/07_gone.ipynb"))
+    problems = check(root)
+    assert problems == ["book.toml: chapter 07's notebook chapters/07_gone.ipynb does not exist"]
+
+
+def test_check_fails_without_repository_address(root: Path) -> None:
+    export(root)
+    (root / "book.toml").write_text(MANIFEST.replace(REPO, "https://github.com/example/elsewhere"))
+    problems = check(root)
+    assert len(problems) == 1 and "chapters/07_demo.py does not contain the repository address" in problems[0]
+
+
+def test_check_fails_on_orphaned_generated_module(root: Path) -> None:
+    export(root)
+    (root / "dslib" / "old.py").write_text("# GENERATED FILE: do not edit.\nX = 1\n")
+    (root / "dslib" / "plumbing.py").write_text('"""Hand-written."""\n')
+    problems = check(root)
+    assert len(problems) == 1 and problems[0].startswith("dslib/old.py is a generated module that no chapter owns")
+
+
+def test_export_to_unowned_module_is_an_error(root: Path) -> None:
+    source = root / "chapters" / "07_demo.py"
+    text = source.read_text().replace("#| export beta", "#| export gamma")
+    source.write_text(text)
+    line = text.splitlines().index("#| export gamma") + 1
+    with pytest.raises(BookError, match=rf"chapters/07_demo.py, line {line}: .*'gamma'.* does not own"):
+        export(root)
+    assert not (root / "dslib" / "alpha.py").exists()  # nothing is written when any chapter fails
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("#| default_exp alpha", "# no default", "without a module name, and the chapter has no `#| default_exp`"),
+        ("#| export beta", "# not exported", "owns module 'beta' in book.toml, but no `#| export` cell"),
+    ],
+)
+def test_export_directive_errors(root: Path, old: str, new: str, message: str) -> None:
+    source = root / "chapters" / "07_demo.py"
+    source.write_text(source.read_text().replace(old, new))
+    with pytest.raises(BookError, match=message.replace("(", r"\(").replace(")", r"\)").replace("|", r"\|")):
+        export(root)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("budget_s = 60", 'budget_s = "60"', "budget_s"),
+        ('number = "07"', "number = 7", "number"),
+        ('papers = ["A Paper (arXiv 0000.00000)"]\n', "", "papers"),
+    ],
+)
+def test_manifest_validation_names_the_field(root: Path, old: str, new: str, field: str) -> None:
+    (root / "book.toml").write_text(MANIFEST.replace(old, new))
+    with pytest.raises(BookError, match=rf"^book.toml: .*'{field}'"):
+        load_book(root)
+
+
+def test_export_keeps_hand_written_files(root: Path) -> None:
+    (root / "dslib" / "alpha.py").write_text('"""Hand-written."""\n')
+    with pytest.raises(BookError, match="hand-written"):
+        export(root)
+    export(root, force=True)
+    assert (root / "dslib" / "alpha.py").read_text() == ALPHA
+
+
+def test_ledger_save_and_print(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ledger"]) == 0
+    assert "No claims ledger has been written yet" in capsys.readouterr().out
+    ledger = Ledger("07")
+    ledger.add("loss falls with compute", paper="power law", ours="power law, exponent 0.31", holds=True)
+    ledger.add("AIME pass@1 71.0%", paper="71.0%", ours="-", holds=None, note="no AIME here")
+    with pytest.raises(TypeError, match="holds"):
+        ledger.add("x", paper="1", ours="2", holds="yes")  # type: ignore[arg-type]
+    path = ledger.save()
+    assert path == root / "_build" / "ledger" / "07.json"
+    saved = json.loads(path.read_text())
+    assert saved["chapter"] == "07" and saved["rows"] == ledger.rows
+    assert saved["rows"][1] == {"claim": "AIME pass@1 71.0%", "paper": "71.0%", "ours": "-", "holds": None,
+                                "note": "no AIME here"}
+    assert main(["ledger"]) == 0
+    out = capsys.readouterr().out
+    assert "loss falls with compute" in out and "power law, exponent 0.31" in out and "no AIME here" in out
+    assert "\u2713" in ledger.html() and "\u2013" in ledger.html()
+
+
+def test_ledger_outside_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSLIB_ROOT", raising=False)
+    monkeypatch.delenv("DSLIB_BUILD", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ledger = Ledger("03")
+    ledger.add("a claim", paper="1", ours="1", holds=True)
+    assert ledger.save() == tmp_path / "_build" / "ledger" / "03.json"
+
+
+def test_list_prints_the_chapter(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "07" in out and "A demo chapter" in out and "alpha, beta" in out and "60" in out
+    assert "A Paper (arXiv 0000.00000)" in out
+
+
+def test_format_table() -> None:
+    text = book.format_table(("name", "n"), [("a", 1), ("bbb", 22)])
+    assert text.splitlines() == ["name   n", "----  --", "a      1", "bbb   22"]
+
+
+def test_parse_cells_kinds_and_lines() -> None:
+    text = textwrap.dedent("""\
+        # ---
+        # jupyter: {}
+        # ---
+
+        # %% [markdown]
+        # hi
+        # %%time is a magic, not a cell
+        # %% A title
+        x = 1
+        # %% [raw]
+        raw
+        """)
+    cells = book.parse_cells(text)
+    assert [(c.kind, c.line) for c in cells] == [("markdown", 5), ("code", 8), ("raw", 10)]
+    assert cells[0].lines == ("# hi", "# %%time is a magic, not a cell")
+
+
+def test_explore_static_uses_defaults(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    ipywidgets = pytest.importorskip("ipywidgets")
+    monkeypatch.setenv("DSLIB_STATIC", "1")
+    assert static_mode()
+    calls = []
+
+    def draw(**kwargs: object) -> str:
+        calls.append(kwargs)
+        return "drawn"
+
+    slider = ipywidgets.FloatSlider(value=0.25, min=0.0, max=1.0)
+    result = explore(draw, n=(0, 10), t=(0.0, 2.0), k=(1, 9, 3), mode=["dense", "moe"], grid=True, w=slider,
+                     label="x")
+    assert result == "drawn"
+    assert calls == [{"n": 5, "t": 1.0, "k": 4, "mode": "dense", "grid": True, "w": 0.25, "label": "x"}]
+    assert isinstance(calls[0]["n"], int)
+    assert capsys.readouterr().out.startswith("Static view (no widget front end)")
+
+
+@pytest.mark.parametrize("control", [(0, 10), (0, 9), (1, 9, 3), (0.0, 2.0), (-1.0, 1.0, 0.3), ["a", "b"], True])
+def test_default_value_matches_interact(control: object) -> None:
+    ipywidgets = pytest.importorskip("ipywidgets")
+    widget = ipywidgets.interactive(lambda x: None, x=control).children[0]
+    assert default_value(control) == widget.value
+
+
+def test_static_mode_outside_a_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSLIB_STATIC", raising=False)
+    assert static_mode()  # pytest is not an IPython kernel
+    monkeypatch.setenv("DSLIB_STATIC", "0")
+    assert static_mode()
+
+
+def _real_chapters_missing() -> bool:
+    try:
+        real = load_book(REAL_ROOT)
+    except BookError:
+        return True
+    return not any((REAL_ROOT / chapter.source).is_file() for chapter in real.chapters)
+
+
+@pytest.mark.skipif(_real_chapters_missing(), reason="no chapter of the real book has been written yet")
+def test_real_book_is_in_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSLIB_ROOT", raising=False)
+    assert check(find_root(REAL_ROOT)) == []
+
+
+def test_run_executes_and_times_a_chapter(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("nbclient")
+    (root / "book.toml").write_text(MANIFEST.replace("budget_s = 60", "budget_s = 1"))
+    source = root / "chapters" / "07_demo.py"
+    source.write_text("# %%\nimport os, time\ntime.sleep(1.1)\n"
+                      "print(os.environ['DSLIB_STATIC'], os.environ['DSLIB_SCALE'], os.getcwd())\n")
+    write_notebook(source)
+    assert main(["run", "07", "--scale", "small", "--timeout", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] chapter 07" in out and "over budget" in out
+    executed = json.loads((root / "_build" / "notebooks" / "07_demo.ipynb").read_text())
+    printed = "".join(executed["cells"][-1]["outputs"][0]["text"])
+    assert printed.strip() == f"1 small {root / 'chapters'}"
