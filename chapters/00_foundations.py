@@ -322,7 +322,7 @@ for number, topic in COURSE:
 # few lines of code verify, and a pretraining corpus that already contains, rarely and unreliably, the behaviours that
 # reinforcement learning will later amplify: writing out steps, slipping, and stopping to say "wait" and recheck.
 #
-# The design follows measurements made before the course was written (the course's `WORLD.md`):
+# The design follows a pre-study, measured before the course was written, of what such a world needs:
 #
 # - **Problems** are chains of 2-4 numbers joined by `+` and `-` (1-3 operations), every number and every intermediate
 #   result in 0..99, written zero-padded (`07+35-12`). Zero-padding matters: with unpadded numbers a bare answer was as
@@ -368,7 +368,7 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 
 @dataclass
 class WorldConfig:
-    """The arithmetic world: difficulty, corpus mix and seeds (the measured recipe of WORLD.md by default).
+    """The arithmetic world: difficulty, corpus mix and seeds (by default, the recipe of the course's pre-study).
 
     Problems are chains of 2-4 numbers (1-3 operations) joined by + and -, every number and every intermediate result in
     0..max_value, written zero-padded to the width of max_value ("07+35-12"). Held-out problems are longer (3-4 numbers)
@@ -993,7 +993,7 @@ print(f"reflection (' wait ') in {stats['reflection_rate']:.1%} of documents; fi
 # Documents average about 31 tokens, so a row of 96 tokens holds several. Packing them wastes little compute on
 # padding, but a document must not attend to its neighbours, and its positions must restart at 0: each batch carries
 # segment ids (for a block-diagonal causal mask) and per-document positions (for RoPE). The loss is on the response
-# only (everything after `<think>`), as in WORLD.md's recipe: the model learns to solve, not to pose problems. A batch is
+# only (everything after `<think>`), as in the pre-study: the model learns to solve, not to pose problems. A batch is
 # a pure function of the step, which is what makes resuming exact.
 
 # %%
@@ -1786,7 +1786,7 @@ def evaluate_accuracy(model: torch.nn.Module, world, problems: Sequence | None =
 #
 # A DeepSeek LLM-style model of about 0.8M parameters (width 128, 4 layers, 4 heads) trained on packed rows of the
 # corpus. At `small` scale this is about 1.2M tokens, a minute on two CPU cores; at `full` scale, a wider and deeper
-# model on many more tokens. Chapters 05-06 start reinforcement learning from a model trained by this recipe.
+# model on many more tokens. Chapters 05-06 start reinforcement learning from a model pretrained the same way, longer.
 
 # %%
 import tempfile
@@ -1825,7 +1825,7 @@ ax.set_ylabel("loss (nats per response token)")
 ax2 = ax.twinx()
 ax2.plot(history["step"], history["lr"], color="gray", lw=0.8, ls=":")
 ax2.set_ylabel("learning rate", color="gray")
-ax.legend()
+ax.legend(loc="upper center")
 ax.set_title("Pretraining on the arithmetic world (multi-step schedule)")
 plt.show()
 
@@ -1859,7 +1859,7 @@ for p, c, ok in list(zip(world.heldout, sampled_out, right))[:6]:
     print(f"{'right' if ok else 'wrong'} ({p.answer:02d}): {prompt(p)}{c}")
 
 # %% [markdown]
-# Two things to take from this (WORLD.md's pre-study saw the same): greedy decoding almost always picks the bare
+# Two things to take from this (the pre-study saw the same): greedy decoding almost always picks the bare
 # answer, the single most common style, so greedy and sampled accuracy differ and both are worth reporting; and the
 # model has learned every style of the corpus, including "guess, wait, recompute", but executes them unreliably. There
 # is room to improve, and the behaviours that reinforcement learning will amplify are already there, at low
@@ -1991,7 +1991,7 @@ ledger.add("GQA shrinks the KV cache by n_head / n_kv_head",
            f"4 heads: {kv[4]} B/token MHA, {kv[2]} GQA-2, {kv[1]} MQA ({kv[4] / kv[2]:.0f}x, {kv[4] / kv[1]:.0f}x)",
            kv[4] / kv[2] == 2 and kv[4] / kv[1] == 4)
 ledger.add("A tiny model pretrained on the world solves some held-out problems, not all",
-           "pre-study: greedy 5-11%, sampled 18-26% (WORLD.md, 3.95M tokens)",
+           "course pre-study: greedy 5-11%, sampled 18-26% (3.95M tokens)",
            f"greedy {greedy_acc:.1%}, sampled {sampled_acc:.1%} ({MAIN['steps'] * MAIN['batch'] * SEQ_LEN / 1e6:.1f}M tokens)",
            0 < greedy_acc < 0.9 and 0 < sampled_acc < 0.9,
            "fewer tokens than the pre-study: sampled accuracy is lower")
@@ -2002,8 +2002,8 @@ saved_to = ledger.save()  # _build/ledger/00.json: `python -m dslib.book ledger`
 # ## Exercises
 #
 # 1. Change the corpus mix so that plain steps are common and reliable (say `steps` 30%, `guess_verify` 10%) and pretrain
-#    again. How does the accuracy by style change? (WORLD.md predicts what RL will then do: keep this in mind for
-#    chapter 06.)
+#    again. How does the accuracy by style change? (The pre-study found that RL then favours plain steps over
+#    reflection: keep this in mind for chapter 06.)
 # 2. Train with `n_kv_head=1` (MQA) and `n_kv_head=2`. How much held-out loss does the smaller cache cost?
 # 3. Re-run the schedule comparison for 4x the steps. Does the gap between multi-step and cosine close?
 # 4. Make a harder world (`max_value=999`) and see what the tokenizer and the model make of three-digit numbers.

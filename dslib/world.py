@@ -25,7 +25,7 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
 
 @dataclass
 class WorldConfig:
-    """The arithmetic world: difficulty, corpus mix and seeds (the measured recipe of WORLD.md by default).
+    """The arithmetic world: difficulty, corpus mix and seeds (by default, the recipe of the course's pre-study).
 
     Problems are chains of 2-4 numbers (1-3 operations) joined by + and -, every number and every intermediate result in
     0..max_value, written zero-padded to the width of max_value ("07+35-12"). Held-out problems are longer (3-4 numbers)
