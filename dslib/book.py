@@ -403,15 +403,17 @@ def _rel(book: Book, path: Path) -> str:
         return str(path)
 
 
-def export(root: Path | str | None = None, force: bool = False) -> list[Path]:
-    """Write every chapter's modules into the package; return the files that changed (unchanged ones are left alone).
+def export(root: Path | str | None = None, force: bool = False, numbers: Sequence[str] | None = None) -> list[Path]:
+    """Write the chapters' modules into the package (every chapter, or those numbered in `numbers`); return the files
+    that changed (unchanged ones are left alone).
 
     Everything is computed before anything is written, so an error in one chapter writes nothing. An existing module
     that is hand-written (no generated-file header) is not replaced unless `force` is set.
     """
     book = load_book(root)
+    chapters = [book.chapter(n) for n in numbers] if numbers else list(book.chapters)
     texts: dict[Path, str] = {}
-    for chapter in book.chapters:
+    for chapter in chapters:
         for module, text in chapter_modules(book, chapter).items():
             path = book.module_path(module)
             if path.exists() and not force and not _is_generated(path):
@@ -782,11 +784,13 @@ def _plural(n: int, word: str) -> str:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     book = load_book(args.root)
-    written = export(book.root, force=args.force)
+    chapters = [book.chapter(n) for n in args.chapters] if args.chapters else list(book.chapters)
+    n_modules = sum(len(c.modules) for c in chapters)
+    written = export(book.root, force=args.force, numbers=args.chapters)
     for path in written:
         print(f"wrote {_rel(book, path)}")
-    print(f"book export: {_plural(len(book.modules), 'module')} from {_plural(len(book.chapters), 'chapter')}, "
-          f"{len(written)} written, {len(book.modules) - len(written)} unchanged")
+    print(f"book export: {_plural(n_modules, 'module')} from {_plural(len(chapters), 'chapter')}, "
+          f"{len(written)} written, {n_modules - len(written)} unchanged")
     return 0
 
 
@@ -852,6 +856,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="the folder holding book.toml (default: DSLIB_ROOT, or found from here)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cmd = commands.add_parser("export", help="write dslib's generated modules from the chapters")
+    export_cmd.add_argument("chapters", nargs="*", metavar="CHAPTER", help="chapter numbers, e.g. 00 (default: all)")
     export_cmd.add_argument("--force", action="store_true", help="replace hand-written files that a chapter owns")
     export_cmd.set_defaults(handler=_cmd_export)
     commands.add_parser("check", help="fail when anything is out of sync").set_defaults(handler=_cmd_check)

@@ -123,6 +123,17 @@ def test_export_writes_modules(root: Path) -> None:
     assert export(root) == []  # a second export changes nothing
 
 
+def test_export_named_chapters_only(root: Path) -> None:
+    with (root / "book.toml").open("a") as f:  # a second chapter whose source is not written yet
+        f.write('\n[[chapter]]\nnumber = "08"\ntitle = "Later"\nnotebook = "chapters/08_later.ipynb"\n'
+                'source = "chapters/08_later.py"\nmodules = ["gamma"]\npapers = []\nbudget_s = 60\n')
+    with pytest.raises(BookError, match="08_later.py does not exist"):
+        export(root)
+    assert sorted(p.name for p in export(root, numbers=["07"])) == ["alpha.py", "beta.py"]
+    with pytest.raises(BookError, match="no chapter '09'"):
+        export(root, numbers=["09"])
+
+
 def test_check_passes_after_export(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert check(root) != []  # nothing exported yet
     export(root)
