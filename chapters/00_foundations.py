@@ -1789,8 +1789,11 @@ def evaluate_accuracy(model: torch.nn.Module, world, problems: Sequence | None =
 # model on many more tokens. Chapters 05-06 start reinforcement learning from a model pretrained the same way, longer.
 
 # %%
+import shutil
 import tempfile
 from pathlib import Path
+
+from dslib.book import build_dir
 
 MAIN = dslib.sized(small=dict(d_model=128, n_layer=4, n_head=4, steps=500, batch=24),
                    full=dict(d_model=256, n_layer=6, n_head=8, steps=4000, batch=64))
@@ -1805,7 +1808,10 @@ model = Transformer(config)
 print(f"{model.num_params():,} parameters; {MAIN['steps']} steps x {MAIN['batch']} rows x {SEQ_LEN} tokens = "
       f"{MAIN['steps'] * MAIN['batch'] * SEQ_LEN / 1e6:.2f}M tokens")
 
-run_dir = Path(tempfile.mkdtemp(prefix="ch00-base-"))  # interrupted? run this cell's fit() again: it resumes
+# Checkpoints go to _build/runs/00/base every 100 steps (and on Ctrl-C). Interrupted? `trainer.fit()` continues; in a
+# new kernel, build the same Trainer and call `trainer.resume()` first. Running this cell starts afresh.
+run_dir = build_dir() / "runs" / "00" / "base"
+shutil.rmtree(run_dir, ignore_errors=True)
 trainer = Trainer(model, data, TrainConfig(steps=MAIN["steps"], lr=3e-3, warmup_steps=50, schedule="multistep",
                                            eval_every=100, checkpoint_every=100), eval_batches=valid,
                   checkpoint_dir=run_dir, device=device)
@@ -1916,7 +1922,7 @@ def tiny_run(until: int | None, folder: Path, steps: int = 30) -> list[float]:
     return tr.fit(until=until, progress=False)["loss"]
 
 
-scratch = Path(tempfile.mkdtemp(prefix="ch00-resume-"))
+scratch = Path(tempfile.mkdtemp(prefix="ch00-resume-"))  # removed at the end of this cell
 straight = tiny_run(None, scratch / "straight")
 tiny_run(17, scratch / "stopped")  # stops at step 17 (a checkpoint is written at the end of fit)
 resumed = tiny_run(None, scratch / "stopped")  # a fresh model and trainer, resumed from the folder
@@ -1939,6 +1945,7 @@ try:
 except NonFiniteLossError as e:
     nan_guard_fired = all(torch.equal(a, p) for a, p in zip(before, m.parameters()))  # and no update was made
     print("NonFiniteLossError:", e)
+shutil.rmtree(scratch)
 
 # %% [markdown]
 # ## 6. Explore the world
