@@ -1,0 +1,1268 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 03 · Multi-head Latent Attention: a small KV cache without losing quality
+#
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/deepseek-from-scratch/deepseek-from-scratch/blob/main/chapters/03_mla.ipynb)
+# [![Binder](https://mybinder.org/badge_logo.svg)](https://mybinder.org/v2/gh/deepseek-from-scratch/deepseek-from-scratch/main?labpath=chapters%2F03_mla.ipynb)
+#
+# **What you will build.** The attention layer of DeepSeek-V2 and V3, and the arithmetic that motivates it:
+#
+# 1. the KV-cache accounting of multi-head, grouped-query, multi-query and multi-head latent attention (the paper's
+#    Table 1), as a function, checked against the paper's own numbers (section 1);
+# 2. `dslib.mla`: `MLAConfig`, the `MLA` layer (query compression, joint key-value compression, decoupled RoPE), a
+#    cache `MLACache` that keeps only the latent vectors, two ways to decode from it (*naive*: decompress keys and
+#    values; *absorbed*: fold the up-projections into the query and the output and attend in the latent space), and
+#    `MLATransformer`, a small language model that trains with `dslib.train` unchanged (section 2);
+# 3. a race of MHA, GQA, MQA and MLA at equal parameter counts on the arithmetic world (section 3);
+# 4. decoding at growing context lengths: time per token and cache memory (section 4);
+# 5. the cache of the real models, DeepSeek-V2 and V3 against DeepSeek 67B and LLaMA-2-70B, and where the paper's
+#    "93.3% smaller" comes from (section 5).
+#
+# **Papers.** DeepSeek-V2 (arXiv 2405.04434), section 2.1 (MLA) and Appendix C (its full formulas); Appendix D (the
+# ablations of the attention kinds). Names follow DeepSeek-V3's reference code (`inference/model.py`), so that you can
+# hold `dslib.mla` next to it.
+#
+# Cells that start with `#| export` are saved into `dslib` by `python -m dslib.book export`; later chapters import them.
+
+# %%
+# Set-up. Where dslib is missing (as on Colab), fetch the course from its repository and install dslib from it; the
+# chapters also read small data files from its assets/ folder.
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY = "https://github.com/deepseek-from-scratch/deepseek-from-scratch"
+if importlib.util.find_spec("dslib") is None:
+    clone = Path.home() / "deepseek-from-scratch"
+    if not clone.exists():
+        subprocess.run(["git", "clone", "--depth", "1", REPOSITORY, str(clone)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)], check=True)
+    sys.path.insert(0, str(clone))
+    os.chdir(clone / "chapters")
+
+import math
+import time
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import dslib
+from dslib.book import Ledger
+from dslib.explore import explore
+from dslib.train import TrainConfig, Trainer
+from dslib.transformer import KVCache, Transformer, TransformerConfig, rope_cos_sin
+from dslib.world import PackedData, World
+
+# One CPU thread at small scale: this chapter's models are so small that a second thread hardly helps, and a single
+# thread is much less disturbed by other programs on a shared machine (threads that wait for each other stall).
+device = dslib.setup(seed=0, threads=dslib.sized(small=1, full=None))
+SCALE = dslib.scale()
+CHAPTER_START = time.time()
+
+# %% [markdown]
+# ## 1. The problem: the KV cache
+#
+# A decoder generates one token at a time. To produce token $t$, every layer needs the keys and values of all tokens
+# before it, and since they never change, an inference engine keeps them: the **KV cache**. With multi-head attention
+# (MHA), each layer stores a key and a value of $d_h$ numbers for each of its $n_h$ heads, so $2 n_h d_h$ numbers per
+# token per layer. Two things follow.
+#
+# - **Memory.** The cache grows with the context and the batch. DeepSeek 67B (95 layers, 8 key-value heads of 128)
+#   keeps 194,560 numbers per token: 380 KiB in BF16, so about 12 GiB for one sequence of 32k tokens. The cache, not the
+#   weights, decides how many sequences fit on a GPU at once, and so the throughput.
+# - **Time.** Every decoding step reads the whole cache once and does little arithmetic with it. Decoding is bound by
+#   memory bandwidth, and a smaller cache is a faster step.
+#
+# Grouped-query attention (GQA) lets $n_h / n_g$ query heads share one key-value head, and multi-query attention (MQA)
+# shares a single one among all heads. Both shrink the cache, and both cost quality: V2's Appendix D.1 trains 7B dense
+# models with the three kinds (same data, parameters matched by the number of layers) and finds MHA clearly ahead of
+# GQA and MQA on hard benchmarks. DeepSeek-V2 proposes a fourth kind, **Multi-head Latent Attention (MLA)**, and sums up
+# the trade-off in its Table 1 (section 2.1.4):
+#
+# | attention | KV cache per token | capability (the paper's words) |
+# |---|---|---|
+# | MHA | $2 n_h d_h l$ | strong |
+# | GQA | $2 n_g d_h l$ | moderate |
+# | MQA | $2 d_h l$ | weak |
+# | MLA | $(d_c + d_h^R)\, l \approx \tfrac92 d_h l$ | stronger |
+#
+# with $l$ layers, $n_g$ groups, and MLA's latent width $d_c$ and RoPE width $d_h^R$. V2 sets $d_c = 4 d_h$ and
+# $d_h^R = d_h / 2$, so MLA caches as much as GQA with 2.25 groups, "while achieving stronger performance than MHA".
+#
+# The accounting is the first piece of `dslib.mla`.
+
+# %%
+#| default_exp mla
+
+# %%
+#| export
+"""Multi-head Latent Attention (MLA) of DeepSeek-V2 (arXiv 2405.04434, section 2.1 and Appendix C): low-rank joint
+key-value compression with decoupled RoPE, a cache of the latent vectors only, naive and weight-absorbed inference, a
+small MLA language model, and the KV-cache accounting of the paper's Table 1 (chapter 03)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from dslib.transformer import RMSNorm, SwiGLU, apply_rope, document_causal_mask, rope_cos_sin
+
+ATTENTION_KINDS = ("MHA", "GQA", "MQA", "MLA")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def kv_cache_elements(kind: str, *, n_head: int | None = None, head_dim: int | None = None,
+                      n_kv_head: int | None = None, kv_lora_rank: int | None = None,
+                      qk_rope_head_dim: int | None = None) -> int:
+    """Elements cached per token per layer, DeepSeek-V2's Table 1 (section 2.1.4):
+    MHA 2 n_h d_h; GQA 2 n_g d_h; MQA 2 d_h; MLA d_c + d_h^R.
+
+    n_head is n_h, head_dim d_h, n_kv_head the number of groups n_g, kv_lora_rank d_c and qk_rope_head_dim d_h^R.
+    Each kind reads only the arguments its formula needs, and raises ValueError naming a missing or bad one."""
+    needs = {"MHA": ("n_head", "head_dim"), "GQA": ("n_kv_head", "head_dim"), "MQA": ("head_dim",),
+             "MLA": ("kv_lora_rank", "qk_rope_head_dim")}
+    if kind not in needs:
+        raise ValueError(f"kind={kind!r} is invalid: one of {ATTENTION_KINDS} is required")
+    given = dict(n_head=n_head, head_dim=head_dim, n_kv_head=n_kv_head, kv_lora_rank=kv_lora_rank,
+                 qk_rope_head_dim=qk_rope_head_dim)
+    for name in needs[kind]:
+        if not _is_positive_int(given[name]):
+            raise ValueError(f"{name}={given[name]!r} is invalid: the {kind} cache needs it as a positive int")
+    if kind == "MHA":
+        return 2 * n_head * head_dim
+    if kind == "GQA":
+        return 2 * n_kv_head * head_dim
+    if kind == "MQA":
+        return 2 * head_dim
+    return kv_lora_rank + qk_rope_head_dim
+
+
+def bytes_per_element(dtype: torch.dtype | float) -> float:
+    """Bytes per cached element: a torch.dtype (torch.bfloat16: 2) or a number of bits (6: 0.75, a quantised cache)."""
+    if isinstance(dtype, torch.dtype):
+        return float(torch.empty((), dtype=dtype).element_size())
+    if isinstance(dtype, (int, float)) and not isinstance(dtype, bool) and dtype > 0:
+        return dtype / 8
+    raise ValueError(f"dtype={dtype!r} is invalid: a torch.dtype or a positive number of bits is required")
+
+
+def kv_cache_bytes(kind: str, *, n_layer: int = 1, tokens: int = 1, batch_size: int = 1,
+                   dtype: torch.dtype | float = torch.bfloat16, **shape) -> float:
+    """Bytes of the KV cache of `batch_size` sequences of `tokens` tokens through `n_layer` layers:
+    kv_cache_elements(kind, **shape) * n_layer * tokens * batch_size * bytes_per_element(dtype)."""
+    for name, value in (("n_layer", n_layer), ("tokens", tokens), ("batch_size", batch_size)):
+        if not _is_positive_int(value):
+            raise ValueError(f"{name}={value!r} is invalid: a positive int is required")
+    return kv_cache_elements(kind, **shape) * n_layer * tokens * batch_size * bytes_per_element(dtype)
+
+# %% [markdown]
+# Checked against the paper's own numbers: DeepSeek-V2 and V3 have $n_h = d_h = 128$, $d_c = 512$ and $d_h^R = 64$,
+# so MLA caches 576 numbers per token per layer where MHA of the same shape would cache 32,768; and that is GQA with
+# $576 / (2 \cdot 128) = 2.25$ groups.
+
+# %%
+V2 = dict(n_head=128, head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64)
+per_layer = {kind: kv_cache_elements(kind, n_kv_head=8, **V2) for kind in ("MHA", "GQA", "MQA", "MLA")}
+print("elements per token per layer at V2's shape (GQA with 8 groups):", per_layer)
+assert per_layer["MHA"] == 32_768 and per_layer["MLA"] == 576 and per_layer["MQA"] == 256
+groups_equivalent = per_layer["MLA"] / (2 * V2["head_dim"])
+assert groups_equivalent == 2.25
+print(f"MLA = GQA with {groups_equivalent} groups; {per_layer['MHA'] / per_layer['MLA']:.1f}x smaller than MHA")
+# DeepSeek 67B (GQA: 95 layers, 8 KV heads of 128) in BF16: the 380 KiB per token and 12 GiB per 32k-token sequence.
+kib_67b = kv_cache_bytes("GQA", n_kv_head=8, head_dim=128, n_layer=95) / 2**10
+gib_67b_32k = kv_cache_bytes("GQA", n_kv_head=8, head_dim=128, n_layer=95, tokens=32_768) / 2**30
+print(f"DeepSeek 67B: {kib_67b:.0f} KiB per token, {gib_67b_32k:.1f} GiB for 32k tokens (BF16)")
+assert kib_67b == 380 and round(gib_67b_32k, 1) == 11.9
+for bad in (dict(kind="MLA", kv_lora_rank=512), dict(kind="GQA", head_dim=128, n_kv_head=0), dict(kind="MHSA")):
+    try:
+        kv_cache_elements(**bad)
+    except ValueError as e:
+        print("ValueError:", e)
+
+# %% [markdown]
+# A picture of Table 1 for a small shape, 8 heads of 8 numbers, one layer. Each square is one cached number of one
+# token: MHA keeps a key and a value per head, GQA per group, MQA one pair. MLA keeps a latent of $4 d_h$ numbers and
+# one RoPE key of $d_h / 2$, from which every head's key and value are re-created.
+
+# %%
+def cache_picture(n_head: int = 8, head_dim: int = 8, groups: int = 2) -> None:
+    roles = {"key": "tab:blue", "value": "tab:orange", "latent $c^{KV}$": "tab:green", "RoPE key $k^R$": "tab:purple"}
+    rows = {
+        "MHA": [("key", head_dim)] * n_head + [("value", head_dim)] * n_head,
+        f"GQA ({groups} groups)": [("key", head_dim)] * groups + [("value", head_dim)] * groups,
+        "MQA": [("key", head_dim), ("value", head_dim)],
+        "MLA": [("latent $c^{KV}$", 4 * head_dim), ("RoPE key $k^R$", head_dim // 2)],
+    }
+    fig, ax = plt.subplots(figsize=(10, 2.8))
+    for y, (name, segments) in enumerate(rows.items()):
+        x = 0.0
+        for role, n in segments:
+            for i in range(n):
+                ax.add_patch(plt.Rectangle((x + i, -y), 1, 0.7, facecolor=roles[role], edgecolor="white", lw=0.4))
+            x += n + 0.6
+        total = sum(n for _, n in segments)
+        ax.text(-2, -y + 0.35, name, ha="right", va="center", fontsize=9)
+        ax.text(x + 1, -y + 0.35, f"{total} numbers", va="center", fontsize=9)
+    ax.set_xlim(-16, 2 * n_head * (head_dim + 0.6) + 14)
+    ax.set_ylim(-len(rows) + 0.8, 1.3)
+    ax.axis("off")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, label=r) for r, c in roles.items()], ncol=4,
+              loc="lower center", fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.12))
+    ax.set_title(f"What one layer caches per token: {n_head} heads of {head_dim} (one square per number)", fontsize=10)
+    fig.tight_layout()
+    plt.show()
+
+
+cache_picture()
+
+# %% [markdown]
+# ## 2. Multi-head Latent Attention, equation by equation
+#
+# MLA replaces the per-head keys and values by one **latent vector** per token, $c^{KV}_t$ of $d_c$ numbers, from which
+# every head's key and value are re-created by up-projections. Queries get the same treatment (to save activation
+# memory in training; it does not touch the cache). For a hidden state $h_t \in \mathbb R^d$ (V2, sections 2.1.2-2.1.3
+# and Appendix C):
+#
+# $$c^{Q}_t = W^{DQ} h_t,\qquad q^{C}_t = W^{UQ} c^{Q}_t,\qquad q^{R}_t = \mathrm{RoPE}(W^{QR} c^{Q}_t)$$
+# $$\boxed{c^{KV}_t = W^{DKV} h_t},\qquad k^{C}_t = W^{UK} c^{KV}_t,\qquad v^{C}_t = W^{UV} c^{KV}_t,
+#   \qquad \boxed{k^{R}_t = \mathrm{RoPE}(W^{KR} h_t)}$$
+# $$q_{t,i} = [q^{C}_{t,i}; q^{R}_{t,i}],\qquad k_{t,i} = [k^{C}_{t,i}; k^{R}_t],\qquad
+#   o_{t,i} = \sum_{j\le t} \mathrm{softmax}_j\Big(\frac{q_{t,i}^\top k_{j,i}}{\sqrt{d_h + d_h^R}}\Big)\, v^{C}_{j,i},
+#   \qquad u_t = W^{O}[o_{t,1}; \dots; o_{t,n_h}]$$
+#
+# Only the boxed vectors are cached: $d_c + d_h^R$ numbers per token per layer. The paper also puts an RMSNorm on each
+# latent, $c^Q_t$ and $c^{KV}_t$ (section 3.1.2), as the reference code does.
+#
+# **Why the decoupled RoPE key.** RoPE rotates a query and a key by angles that depend on their positions. Had MLA
+# rotated $k^C_j = W^{UK} c^{KV}_j$ directly, a score would read $q^{C\top}_{t,i} R_{t-j} W^{UK}_i c^{KV}_j$: the
+# rotation sits between the query and $W^{UK}$ and changes with every pair $(t, j)$, so $W^{UK}$ could no longer be
+# folded into the query once for all keys (next paragraph). So MLA leaves $k^C$ unrotated and carries position in a
+# few extra dimensions, a query part $q^R_{t,i}$ per head and **one** key part $k^R_t$ of $d_h^R$ numbers shared by all
+# heads (one per head would multiply the cache by $n_h$ again).
+#
+# **Weight absorption.** Since $k^C$ and $v^C$ are linear in $c^{KV}$, a head's score and output can be computed
+# without ever making them:
+#
+# $$q_{t,i}^\top k_{j,i} = \underbrace{(W^{UK\top}_i q^{C}_{t,i})^\top}_{\text{a query in the latent space}} c^{KV}_j
+#   + q^{R\top}_{t,i} k^{R}_j,\qquad
+#   o_{t,i} = W^{UV}_i \Big(\sum_j p_{t,j,i}\, c^{KV}_j\Big).$$
+#
+# $W^{UK}$ joins the query side and $W^{UV}$ the output side. (Section 2.1.2 says $W^{UK}$ can be absorbed into $W^Q$,
+# written $W^{UQ}$ in Appendix C, and $W^{UV}$ into $W^O$, so that keys and values need never be computed during
+# inference.) Decoding then attends directly to the cached latents: it is multi-query attention in which every
+# head shares one key $[c^{KV}_j; k^R_j]$ of $d_c + d_h^R$ numbers and one value $c^{KV}_j$ of $d_c$ numbers. That is
+# the `absorb` path of DeepSeek's reference code, and what fast MLA kernels compute.
+#
+# **The names.** dslib uses DeepSeek-V3's reference names. The reference code stacks some of the paper's matrices:
+#
+# | paper | shape | reference code / dslib |
+# |---|---|---|
+# | $W^{DQ}$, RMSNorm, $[W^{UQ}; W^{QR}]$ per head | $d'_c \times d$, $n_h(d_h + d_h^R) \times d'_c$ | `wq_a`, `q_norm`, `wq_b` (`q_lora_rank` $= d'_c$) |
+# | without query compression: $[W^{Q}; W^{QR}]$ per head | $n_h(d_h + d_h^R) \times d$ | `wq` (`q_lora_rank = 0`) |
+# | $[W^{DKV}; W^{KR}]$, RMSNorm | $(d_c + d_h^R) \times d$ | `wkv_a`, `kv_norm` (`kv_lora_rank` $= d_c$) |
+# | $[W^{UK}; W^{UV}]$ per head | $n_h(d_h + d_h^v) \times d_c$ | `wkv_b` (`qk_nope_head_dim` $= d_h$, `v_head_dim`) |
+# | $W^{O}$ | $d \times n_h d_h^v$ | `wo` |
+#
+# with `qk_rope_head_dim` $= d_h^R$. The paper uses one $d_h$ for keys and values; the code allows a separate value
+# width. The configuration validates itself.
+
+# %%
+#| export
+@dataclass
+class MLAConfig:
+    """The shape of an MLA layer, with DeepSeek-V3's reference names (DeepSeek-V2, arXiv 2405.04434, section 2.1):
+    d_model is d (the hidden size), n_head n_h, q_lora_rank d'_c (0 or None: no query compression), kv_lora_rank d_c,
+    qk_nope_head_dim d_h, qk_rope_head_dim d_h^R (even: RoPE rotates pairs), v_head_dim the per-head value width.
+    V2 and V3 use n_h = 128, d_h = v = 128, d_c = 512, d'_c = 1536, d_h^R = 64."""
+
+    d_model: int = 128
+    n_head: int = 4
+    q_lora_rank: int | None = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def _invalid(self, name: str, allowed: str) -> ValueError:
+        return ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_head", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if not _is_positive_int(getattr(self, name)):
+                raise self._invalid(name, "a positive int is required")
+        if self.q_lora_rank is None:
+            self.q_lora_rank = 0
+        if not (self.q_lora_rank == 0 or _is_positive_int(self.q_lora_rank)):
+            raise self._invalid("q_lora_rank", "0 or None (no query compression) or a positive int is required")
+        if self.qk_rope_head_dim % 2:
+            raise self._invalid("qk_rope_head_dim", "an even number is required: RoPE rotates pairs of features")
+        for name in ("kv_lora_rank", "q_lora_rank"):
+            if getattr(self, name) > self.d_model:
+                raise self._invalid(name, f"at most d_model={self.d_model} is allowed: the latent compresses the "
+                                          f"hidden state, and a wider one cannot hold more (its rank is <= d_model)")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise self._invalid(name, "a positive number is required")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of a query or key head: d_h + d_h^R."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_elements(self) -> int:
+        """Elements cached per token per layer: d_c + d_h^R (V2, Table 1)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(kw_only=True)
+class MLATransformerConfig(MLAConfig):
+    """A small decoder-only LM with MLA attention: the DeepSeek LLM block of dslib.transformer (pre-norm RMSNorm,
+    SwiGLU) with MLA in place of GQA, as in DeepSeek-V2's dense layers. All fields are keyword-only."""
+
+    vocab_size: int
+    n_layer: int = 4
+    intermediate_size: int | None = None  # None: 8/3 d_model rounded up to a multiple of 32
+    max_seq_len: int = 128
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "max_seq_len"):
+            if not _is_positive_int(getattr(self, name)):
+                raise self._invalid(name, "a positive int is required")
+        super().__post_init__()
+        if self.intermediate_size is None:
+            self.intermediate_size = 32 * math.ceil(8 * self.d_model / 3 / 32)
+        if not _is_positive_int(self.intermediate_size):
+            raise self._invalid("intermediate_size", "a positive int is required")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+            raise self._invalid("init_std", "a positive number is required")
+
+# %%
+for bad in (dict(qk_rope_head_dim=7), dict(d_model=64, kv_lora_rank=128), dict(n_head=0), dict(v_head_dim=-4),
+            dict(q_lora_rank=-1)):
+    try:
+        MLAConfig(**bad)
+    except ValueError as e:
+        print("ValueError:", e)
+try:
+    MLATransformerConfig(vocab_size=0)
+except ValueError as e:
+    print("ValueError:", e)
+
+# %% [markdown]
+# The cache keeps, per layer, the two boxed vectors of every past token, and nothing else: `kv` holds $c^{KV}$
+# (after its RMSNorm) and `pe` holds $k^R$ (after RoPE), the reference code's `kv_cache` and `pe_cache`.
+
+# %%
+#| export
+class MLACache:
+    """The MLA cache: per layer, the latent c^KV_t (kv_lora_rank numbers) and the shared RoPE key k^R_t
+    (qk_rope_head_dim numbers) of each past token, the only vectors V2's Appendix C caches. Preallocated to max_len:
+    kv[layer] is (b, max_len, kv_lora_rank), pe[layer] is (b, max_len, qk_rope_head_dim). `length` is how many
+    positions are filled; the model advances it after each forward. Both decoding modes read the same cache."""
+
+    def __init__(self, config: MLATransformerConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or config.max_seq_len
+        self.kv = [torch.zeros(batch_size, self.max_len, config.kv_lora_rank, device=device, dtype=dtype)
+                   for _ in range(config.n_layer)]
+        self.pe = [torch.zeros(batch_size, self.max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+                   for _ in range(config.n_layer)]
+        self.length = 0
+
+    def update(self, layer: int, kv: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write kv (b, t, kv_lora_rank) and pe (b, t, qk_rope_head_dim) after the filled positions; return all the
+        latents and RoPE keys so far."""
+        t = kv.shape[1]
+        if self.length + t > self.max_len:
+            raise ValueError(f"MLA cache is full: {self.length} positions + {t} new > max_len {self.max_len}")
+        self.kv[layer][:, self.length:self.length + t] = kv
+        self.pe[layer][:, self.length:self.length + t] = pe
+        return self.kv[layer][:, :self.length + t], self.pe[layer][:, :self.length + t]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
+
+# %% [markdown]
+# The layer. `forward` computes the queries and the two cached vectors, writes them to the cache when there is one,
+# and then attends in one of two ways:
+#
+# - `mode="naive"` decompresses every cached latent into per-head keys $[k^C_{j,i}; k^R_j]$ and values $v^C_{j,i}$ and
+#   runs ordinary attention (PyTorch's fused `scaled_dot_product_attention`). Training uses it.
+# - `mode="absorb"` folds $W^{UK}$ into the query and $W^{UV}$ into the output and attends to the latents themselves. A
+#   single decoding step is two batched matrix products against the cache; a longer chunk of queries goes through the
+#   fused attention kernel, with the latents as one key and value shared by all heads (MQA in the latent space), so
+#   that no $t \times s$ score matrix is made per head.
+
+# %%
+#| export
+MODES = ("naive", "absorb")
+
+
+def _allowed(mask: torch.Tensor | None, t: int, s: int, device: torch.device) -> torch.Tensor | None:
+    """The attention mask of t queries that follow s - t earlier keys: `mask` when given, else causal (None when every
+    key is visible, as for a single new token)."""
+    if mask is not None:
+        return mask
+    if t == 1:
+        return None
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v with PyTorch's fused kernel, causal when no mask is given. Keys and values of different
+    widths are zero-padded to the same width first (zeros change neither the scores nor the output), since the fused
+    CPU kernel handles only equal widths and would fall back to a slow one."""
+    e, ev = q.shape[-1], v.shape[-1]
+    if ev < e:
+        v = F.pad(v, (0, e - ev))
+    elif ev > e:
+        q, k = F.pad(q, (0, ev - e)), F.pad(k, (0, ev - e))
+    t, s = q.shape[-2], k.shape[-2]
+    if mask is None and t == s:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(mask, t, s, q.device), scale=scale)
+    return y[..., :ev]
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434, section 2.1 and Appendix C).
+
+    Queries: c^Q = RMSNorm(W^DQ h) (wq_a, q_norm), [q^C; q^R] = W^UQ, W^QR c^Q (wq_b), or directly from h (wq) when
+    q_lora_rank is 0. Keys and values: [c^KV; k^R] = [W^DKV; W^KR] h (wkv_a), c^KV <- RMSNorm(c^KV) (kv_norm),
+    k^R <- RoPE(k^R), one RoPE key shared by all heads; [k^C_i; v^C_i] = [W^UK_i; W^UV_i] c^KV (wkv_b).
+    Per head q_i = [q^C_i; q^R_i], k_i = [k^C_i; k^R]; o_i = softmax(q_i . k_i / sqrt(d_h + d_h^R)) v^C_i; u = W^O o
+    (wo). RoPE rotates interleaved pairs, as the reference code does. Only c^KV and k^R are cached (MLACache).
+
+    mode "naive" decompresses k^C and v^C per head; mode "absorb" attends in the latent space: scores
+    (W^UK_i^T q^C_i) . c^KV + q^R_i . k^R and output W^O [W^UV_i (p_i . c^KV)]_i. Both give the same result."""
+
+    def __init__(self, c: MLAConfig, layer: int = 0):
+        super().__init__()
+        self.c, self.layer = c, layer
+        h, qk_head_dim = c.n_head, c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank:
+            self.wq_a = nn.Linear(c.d_model, c.q_lora_rank, bias=False)  # W^DQ
+            self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps)
+            self.wq_b = nn.Linear(c.q_lora_rank, h * qk_head_dim, bias=False)  # [W^UQ_i; W^QR_i] per head
+        else:
+            self.wq = nn.Linear(c.d_model, h * qk_head_dim, bias=False)  # [W^Q_i; W^QR_i] per head
+        self.wkv_a = nn.Linear(c.d_model, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)  # [W^DKV; W^KR]
+        self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps)
+        self.wkv_b = nn.Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W^UK_i; W^UV_i]
+        self.wo = nn.Linear(h * c.v_head_dim, c.d_model, bias=False)  # W^O
+        self.softmax_scale = qk_head_dim ** -0.5
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, t, d) -> q^C (b, h, t, d_h) and q^R = RoPE(W^QR c^Q) (b, h, t, d_h^R)."""
+        c = self.c
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank else self.wq(x)
+        q = rearrange(q, "b t (h d) -> b h t d", h=c.n_head)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, t, d) -> the cached vectors: c^KV (b, t, d_c) after RMSNorm, k^R (b, t, d_h^R) after RoPE."""
+        c = self.c
+        kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        return self.kv_norm(kv), apply_rope(k_pe[:, None], cos, sin)[:, 0]
+
+    def up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK (h, d_h, d_c) and W^UV (h, d_v, d_c): views of wkv_b's weight, head by head."""
+        c = self.c
+        w = self.wkv_b.weight.view(c.n_head, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        return w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: MLACache | None = None, mode: str = "naive") -> torch.Tensor:
+        """x (b, t, d) -> (b, t, d). cos, sin (b, t, d_h^R / 2): RoPE angles of the t positions. mask (b, 1, t, s)
+        bool, True where attention is allowed (None: causal). cache: an MLACache that receives c^KV and k^R of the t
+        positions (the model advances its length). mode: "naive" or "absorb"."""
+        c = self.c
+        q_nope, q_pe = self.queries(x, cos, sin)  # (b, h, t, d_h), (b, h, t, d_h^R)
+        kv, k_pe = self.latents(x, cos, sin)  # (b, t, d_c), (b, t, d_h^R)
+        if cache is not None:
+            kv, k_pe = cache.update(self.layer, kv, k_pe)  # (b, s, d_c), (b, s, d_h^R): s = past + t
+        if mode == "naive":
+            k_nope, v = rearrange(self.wkv_b(kv), "b s (h d) -> b h s d", h=c.n_head).split(
+                [c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # k^C (b, h, s, d_h), v^C (b, h, s, d_v)
+            q = torch.cat([q_nope, q_pe], dim=-1)  # q_i = [q^C_i; q^R_i]
+            k = torch.cat([k_nope, k_pe[:, None].expand(-1, c.n_head, -1, -1)], dim=-1)  # k_i = [k^C_i; k^R]
+            y = _attend(q, k, v, mask, self.softmax_scale)  # (b, h, t, d_v)
+        elif mode == "absorb":
+            w_uk, w_uv = self.up_projections()
+            q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # W^UK_i^T q^C_i: (b, h, t, d_c)
+            if x.shape[1] == 1:  # one decoding step: scores against the latents, two batched matrix products
+                scores = (torch.einsum("bhtc,bsc->bhts", q_lat, kv)
+                          + torch.einsum("bhtr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale  # (b, h, 1, s)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                probs = scores.float().softmax(dim=-1).type_as(scores)
+                o_lat = torch.einsum("bhts,bsc->bhtc", probs, kv)  # sum_j p_j c^KV_j: (b, h, 1, d_c)
+            else:  # a chunk: the same attention as MQA with key [c^KV; k^R] and value c^KV shared by the heads
+                k = torch.cat([kv, k_pe], dim=-1)[:, None].expand(-1, c.n_head, -1, -1)  # (b, h, s, d_c + d_h^R)
+                o_lat = _attend(torch.cat([q_lat, q_pe], dim=-1), k, kv[:, None].expand(-1, c.n_head, -1, -1), mask,
+                                self.softmax_scale)  # (b, h, t, d_c)
+            y = torch.einsum("bhtc,hdc->bhtd", o_lat, w_uv)  # W^UV_i o_lat_i: (b, h, t, d_v)
+        else:
+            raise ValueError(f"mode={mode!r} is invalid: one of {MODES} is required")
+        return self.wo(rearrange(y, "b h t d -> b t (h d)"))
+
+# %% [markdown]
+# **Check against the equations.** A slow reference computes MLA token by token and head by head, straight from the
+# formulas above: the paper's matrices are cut out of the layer's stacked weights, RMSNorm is written out, and RoPE is
+# multiplication by $e^{i\theta}$ of complex pairs (independent of `apply_rope`). Both modes must match it, with and
+# without query compression.
+
+# %%
+def mla_reference(attn: MLA, x: torch.Tensor) -> torch.Tensor:
+    """Causal MLA of x (b, t, d), one token and one head at a time, in float64, from V2's Appendix C."""
+    c = attn.c
+    dn, dr, dv, dc, h = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank, c.n_head
+    W = {name: p.detach().double() for name, p in attn.named_parameters()}
+    W_DKV, W_KR = W["wkv_a.weight"][:dc], W["wkv_a.weight"][dc:]  # (d_c, d), (d_h^R, d)
+    W_UK = W["wkv_b.weight"].view(h, dn + dv, dc)[:, :dn]  # (h, d_h, d_c)
+    W_UV = W["wkv_b.weight"].view(h, dn + dv, dc)[:, dn:]  # (h, d_v, d_c)
+    W_Qall = (W["wq_b.weight"] if c.q_lora_rank else W["wq.weight"]).view(h, dn + dr, -1)
+    W_UQ, W_QR = W_Qall[:, :dn], W_Qall[:, dn:]  # per head, from c^Q (or from h without query compression)
+    W_O = W["wo.weight"].view(-1, h, dv)  # (d, h, d_v)
+
+    def rms(v, g):
+        return v / torch.sqrt((v * v).mean() + c.norm_eps) * g
+
+    def rope(v, pos):  # rotate pairs (v[2k], v[2k+1]) by pos * theta^(-2k / d_h^R)
+        angles = pos * c.rope_theta ** (-torch.arange(0, dr, 2, dtype=torch.float64) / dr)
+        z = torch.view_as_complex(v.reshape(-1, 2).contiguous()) * torch.exp(1j * angles)
+        return torch.view_as_real(z).flatten()
+
+    xs = x.double()
+    out = torch.zeros(x.shape[0], x.shape[1], c.d_model, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        c_KV = [rms(W_DKV @ xs[b, j], W["kv_norm.weight"]) for j in range(x.shape[1])]  # cached
+        k_R = [rope(W_KR @ xs[b, j], j) for j in range(x.shape[1])]  # cached
+        for t in range(x.shape[1]):
+            c_Q = rms(W["wq_a.weight"] @ xs[b, t], W["q_norm.weight"]) if c.q_lora_rank else xs[b, t]
+            for i in range(h):
+                q = torch.cat([W_UQ[i] @ c_Q, rope(W_QR[i] @ c_Q, t)])  # q_{t,i} = [q^C; q^R]
+                keys = [torch.cat([W_UK[i] @ c_KV[j], k_R[j]]) for j in range(t + 1)]  # k_{j,i} = [k^C; k^R]
+                p = torch.softmax(torch.stack([q @ k for k in keys]) / math.sqrt(dn + dr), dim=0)
+                o = sum(p[j] * (W_UV[i] @ c_KV[j]) for j in range(t + 1))  # sum_j p_j v^C_{j,i}
+                out[b, t] += W_O[:, i] @ o
+    return out.float()
+
+
+reference_errors = {}
+for q_lora_rank in (0, 24):
+    torch.manual_seed(0)
+    cfg = MLAConfig(d_model=32, n_head=4, q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8,
+                    qk_rope_head_dim=4, v_head_dim=6)
+    attn = MLA(cfg)
+    for p in attn.parameters():  # random weights (the norms' gains too), so that nothing hides behind a 1
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 7, 32)
+    cos, sin = rope_cos_sin(torch.arange(7).expand(2, 7), cfg.qk_rope_head_dim)
+    slow = mla_reference(attn, x)
+    with torch.no_grad():
+        for mode in MODES:
+            err = (attn(x, cos, sin, mode=mode) - slow).abs().max().item()
+            reference_errors[(q_lora_rank, mode)] = err
+            print(f"q_lora_rank={q_lora_rank:2d}, mode {mode:>6}: max |layer - per-head loop| = {err:.1e}")
+assert max(reference_errors.values()) < 1e-5, reference_errors
+
+# %% [markdown]
+# The model: DeepSeek LLM's block from `dslib.transformer` (RMSNorm, SwiGLU) with MLA in place of grouped-query
+# attention. `forward` has the signature of `dslib.transformer.Transformer`, `(input_ids, positions, segments,
+# attn_mask, cache)`, so `dslib.train.Trainer` and `PackedData`'s packed rows work with it unchanged. Training, and any
+# call without a cache, uses the naive path; with a cache, `model.mode` ("absorb" by default, or "naive") decides.
+
+# %%
+#| export
+class MLABlock(nn.Module):
+    """Pre-norm block: x + MLA(RMSNorm(x)), then + SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, c: MLATransformerConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn = MLA(c, layer)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.mlp = SwiGLU(c.d_model, c.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, cache=None, mode="naive"):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, mode)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class MLATransformer(nn.Module):
+    """A decoder-only LM with MLA attention. forward(input_ids (b, t)) -> logits (b, t, vocab), with the signature of
+    dslib.transformer.Transformer. mode ("absorb" or "naive") chooses how a cached forward attends; without a cache
+    (training) the naive path runs."""
+
+    def __init__(self, config: MLATransformerConfig, mode: str = "absorb"):
+        super().__init__()
+        self.config = config
+        self.mode = mode
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MLABlock(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode={value!r} is invalid: one of {MODES} is required")
+        self._mode = value
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.weight.numel() - self.lm_head.weight.numel()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> MLACache:
+        """An empty MLACache for this model, on its device and in its dtype."""
+        w = self.embed.weight
+        return MLACache(self.config, batch_size, max_len, w.device, w.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache: MLACache | None = None) -> torch.Tensor:
+        """input_ids (b, t) -> logits (b, t, vocab).
+        positions (b, t): RoPE positions (default 0..t-1, or following the cache's filled part).
+        segments (b, t): document ids of packed rows; attention stays within a document (document_causal_mask).
+        attn_mask (b, 1, t, past + t) bool, True where attention is allowed (default: causal).
+        cache: an MLACache to decode incrementally; it is advanced by t."""
+        b, t = input_ids.shape
+        if segments is not None:
+            attn_mask = document_causal_mask(segments)
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_seq_len and cache is None:
+            raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.config.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        cos, sin = rope_cos_sin(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+        mode = self.mode if cache is not None else "naive"
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, cache, mode)
+        if cache is not None:
+            cache.length += t
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 stop_id: int | None = None, pad_id: int = 0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue equal-length prompts (b, t0) with an MLACache, as dslib.transformer.Transformer.generate does:
+        greedy when temperature is 0, else sampled; rows that emit stop_id are padded with pad_id afterwards.
+        Returns (b, t0 + n) with n <= max_new_tokens."""
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError("max_new_tokens and temperature must be non-negative")
+        b, t0 = input_ids.shape
+        max_new_tokens = min(max_new_tokens, self.config.max_seq_len - t0)
+        if max_new_tokens <= 0:
+            return input_ids
+        cache = self.new_cache(b, t0 + max_new_tokens)
+        logits = self(input_ids, cache=cache)[:, -1]
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out = [input_ids]
+        for i in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial(F.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out.append(nxt[:, None])
+            if stop_id is not None:
+                done |= nxt == stop_id
+                if bool(done.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                logits = self(nxt[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+# %% [markdown]
+# **Three checks of the model.**
+#
+# 1. *Equivalence*: decoding with the cache, absorbed or naive, gives the logits of one full forward pass without a
+#    cache. We prefill 8 tokens, add a chunk of 4 (queries after cached keys, with the causal offset), then decode one
+#    token at a time, so the RoPE positions of the cached keys and of each new query must line up.
+# 2. *Packed rows*: a row holding two documents, with positions restarting and the document mask, gives each document
+#    the logits it gets alone.
+# 3. *Cache bytes*: the bytes actually allocated by `dslib.transformer.KVCache` (MHA, GQA, MQA) and by `MLACache` equal
+#    the Table 1 formula.
+
+# %%
+world = World(n_docs=dslib.sized(small=40_000, full=150_000))
+tok = world.tokenizer
+V = tok.vocab_size
+
+equivalence_errors = {}
+for q_lora_rank in (0, 32):
+    torch.manual_seed(0)
+    cfg = MLATransformerConfig(vocab_size=V, d_model=64, n_layer=2, n_head=4, q_lora_rank=q_lora_rank,
+                               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, init_std=0.1)
+    model = MLATransformer(cfg).eval()
+    ids = torch.randint(0, V, (3, 24))
+    with torch.no_grad():
+        full = model(ids)  # no cache: the naive path over the whole sequence
+        for mode in MODES:
+            model.mode = mode
+            cache = model.new_cache(batch_size=3, max_len=24)
+            parts = [model(ids[:, :8], cache=cache), model(ids[:, 8:12], cache=cache)]
+            parts += [model(ids[:, i:i + 1], cache=cache) for i in range(12, 24)]
+            equivalence_errors[(q_lora_rank, mode)] = (torch.cat(parts, 1) - full).abs().max().item()
+    print(f"q_lora_rank={q_lora_rank:2d}: max |cached - full| naive {equivalence_errors[(q_lora_rank, 'naive')]:.1e}, "
+          f"absorbed {equivalence_errors[(q_lora_rank, 'absorb')]:.1e} (logits of size {full.abs().max():.1f})")
+assert max(equivalence_errors.values()) < 1e-4, equivalence_errors
+
+# Packed rows: two documents in one row against each alone.
+d1, d2 = torch.randint(0, V, (1, 9)), torch.randint(0, V, (1, 13))
+with torch.no_grad():
+    packed = model(torch.cat([d1, d2], 1), positions=torch.tensor([list(range(9)) + list(range(13))]),
+                   segments=torch.tensor([[1] * 9 + [2] * 13]))
+    alone = torch.cat([model(d1), model(d2)], 1)
+packed_error = (packed - alone).abs().max().item()
+print(f"packed row of two documents vs each alone: max |difference| = {packed_error:.1e}")
+assert packed_error < 1e-5
+
+# Generation: greedy decoding gives the same tokens in both modes.
+prompt_ids = torch.tensor([tok.encode(p, bos=True) for p in world.prompts(world.heldout[:4])][:1] * 2)
+model.mode = "naive"
+naive_tokens = model.generate(prompt_ids, 12)
+model.mode = "absorb"
+assert torch.equal(naive_tokens, model.generate(prompt_ids, 12))
+
+# %%
+# Measured cache bytes against the formula: 3 layers, batch 2, 50 positions, 8 heads of 16.
+measured = {}
+for kind, n_kv in (("MHA", 8), ("GQA", 2), ("MQA", 1)):
+    c = TransformerConfig(vocab_size=V, d_model=128, n_layer=3, n_head=8, n_kv_head=n_kv)
+    measured[kind] = KVCache(c, batch_size=2, max_len=50).nbytes()
+c = MLATransformerConfig(vocab_size=V, d_model=128, n_layer=3, n_head=8, kv_lora_rank=64, qk_nope_head_dim=16,
+                         qk_rope_head_dim=8, v_head_dim=16)
+measured["MLA"] = MLACache(c, batch_size=2, max_len=50).nbytes()
+shape = dict(n_head=8, head_dim=16, n_kv_head=2, kv_lora_rank=64, qk_rope_head_dim=8)
+for kind, nbytes in measured.items():
+    formula = kv_cache_bytes(kind, n_layer=3, tokens=50, batch_size=2, dtype=torch.float32, **shape)
+    print(f"{kind}: {nbytes:>7,} bytes allocated, formula {formula:>9,.0f}")
+    assert nbytes == formula
+assert MLACache(c, 2, 50, dtype=torch.bfloat16).nbytes() == measured["MLA"] // 2
+
+# %% [markdown]
+# ## 3. Experiment: four kinds of attention on the arithmetic world
+#
+# What does the smaller cache cost in quality? The paper's evidence comes from benchmarks of large models, not from
+# loss. In Appendix D.1, dense 7B models with MHA beat the same models with GQA and MQA on hard benchmarks. In Appendix
+# D.2, MoE models with MLA score better than the same models with MHA, at about 16B and about 250B parameters. Table 1
+# calls MLA "stronger". We can ask a much smaller question. On our arithmetic world, with the same number of
+# parameters, do the four kinds reach different held-out losses?
+#
+# Every model has the same width, depth and number of heads; only the attention differs. MLA takes V2's proportions,
+# $d_c = 4 d_h$ and $d_h^R = d_h / 2$, so its cache equals GQA with 2.25 groups, and no query compression (as in
+# DeepSeek-V2-Lite). The attention kinds differ in parameters, so each model's SwiGLU width is set to bring its total
+# to MHA's. (V2's Appendix D matched its dense models' parameters through their depth instead.) A fifth contender,
+# *MLA wide RoPE*, gives the decoupled RoPE key a full head's width, $d_h^R = d_h$. Our task is mostly about positions
+# (lining up digits, copying numbers), and MLA carries position only in this narrow channel, shared by all heads.
+#
+# Short runs on this world are noisy. Held-out loss sits on a plateau near 1.0 and then drops when a model starts to
+# do the arithmetic, and when that drop begins varies from run to run, with the initial weights and the order of the
+# data. So we report two numbers per run: the final loss, and the mean of the held-out loss over the run, which also
+# counts how early a model learned and is steadier. Two seeds each, the same data order for every kind within a seed.
+
+# %%
+RACE = dslib.sized(small=dict(d_model=64, n_layer=2, n_head=4, steps=300, batch=16, seeds=(0, 1)),
+                   full=dict(d_model=256, n_layer=6, n_head=8, steps=3000, batch=64, seeds=(0, 1, 2)))
+SEQ_LEN = 96
+d, H = RACE["d_model"], RACE["n_head"]
+dh = d // H
+KINDS = ("MHA", "GQA", "MQA", "MLA")
+CONTENDERS = KINDS + ("MLA wide RoPE",)
+
+
+def race_model(kind: str, intermediate_size: int | None = None) -> torch.nn.Module:
+    if kind.startswith("MLA"):
+        rope = dh if kind == "MLA wide RoPE" else dh // 2
+        return MLATransformer(MLATransformerConfig(
+            vocab_size=V, d_model=d, n_layer=RACE["n_layer"], n_head=H, kv_lora_rank=4 * dh, qk_nope_head_dim=dh,
+            qk_rope_head_dim=rope, v_head_dim=dh, intermediate_size=intermediate_size, max_seq_len=128))
+    n_kv = {"MHA": H, "GQA": 2, "MQA": 1}[kind]
+    return Transformer(TransformerConfig(vocab_size=V, d_model=d, n_layer=RACE["n_layer"], n_head=H, n_kv_head=n_kv,
+                                         intermediate_size=intermediate_size, max_seq_len=128))
+
+
+def matched_width(kind: str) -> int:
+    """The SwiGLU width that brings `kind`'s parameter count closest to MHA's."""
+    target, model = race_model("MHA").num_params(), race_model(kind)
+    default = model.layers[0].mlp.up_proj.out_features
+    return default + round((target - model.num_params()) / (3 * d * RACE["n_layer"]))
+
+
+widths = {kind: matched_width(kind) for kind in CONTENDERS}
+race_cache = {"MHA": kv_cache_elements("MHA", n_head=H, head_dim=dh),
+              "GQA": kv_cache_elements("GQA", n_kv_head=2, head_dim=dh),
+              "MQA": kv_cache_elements("MQA", head_dim=dh),
+              "MLA": kv_cache_elements("MLA", kv_lora_rank=4 * dh, qk_rope_head_dim=dh // 2),
+              "MLA wide RoPE": kv_cache_elements("MLA", kv_lora_rank=4 * dh, qk_rope_head_dim=dh)}
+race_params = {kind: race_model(kind, widths[kind]).num_params() for kind in CONTENDERS}
+for kind in CONTENDERS:
+    print(f"{kind:<14}: {race_params[kind]:,} parameters (SwiGLU width {widths[kind]}), "
+          f"{race_cache[kind]} cached elements per token per layer")
+
+data = {seed: PackedData([doc.text for doc in world.corpus()], tok, SEQ_LEN, RACE["batch"], seed=seed)
+        for seed in RACE["seeds"]}
+valid = PackedData([doc.text for doc in world.validation()], tok, SEQ_LEN, 64, seed=0).all_batches()
+print(f"{RACE['steps']} steps x {RACE['batch']} rows x {SEQ_LEN} tokens = "
+      f"{RACE['steps'] * RACE['batch'] * SEQ_LEN / 1e6:.2f}M tokens per run, "
+      f"{len(CONTENDERS) * len(RACE['seeds'])} runs")
+
+# %%
+race = {}
+t0 = time.time()
+for seed in RACE["seeds"]:
+    for kind in CONTENDERS:
+        torch.manual_seed(seed)
+        m = race_model(kind, widths[kind])
+        tr = Trainer(m, data[seed], TrainConfig(steps=RACE["steps"], lr=3e-3, warmup_steps=30, schedule="cosine",
+                                                eval_every=RACE["steps"] // 5, seed=seed),
+                     eval_batches=valid, device=device)
+        race[(kind, seed)] = tr.fit(progress=False)
+race_seconds = time.time() - t0
+final_loss = {k: np.array([race[(k, s)]["eval_loss"][-1] for s in RACE["seeds"]]) for k in CONTENDERS}
+mean_loss = {k: np.array([np.mean(race[(k, s)]["eval_loss"][1:]) for s in RACE["seeds"]]) for k in CONTENDERS}
+print(f"{race_seconds:.0f} s for {len(race)} runs. Held-out loss, nats per response token (seeds "
+      f"{', '.join(map(str, RACE['seeds']))}):")
+print(f"{'':<14}{'final':>8}   {'per seed':<16}{'mean over run':>14}   {'per seed':<16}{'cache':>6}")
+for k in CONTENDERS:
+    print(f"{k:<14}{final_loss[k].mean():>8.3f}   {' '.join(f'{v:.3f}' for v in final_loss[k]):<16}"
+          f"{mean_loss[k].mean():>14.3f}   {' '.join(f'{v:.3f}' for v in mean_loss[k]):<16}{race_cache[k]:>6}")
+
+# %%
+colours = {"MHA": "tab:blue", "GQA": "tab:orange", "MQA": "tab:red", "MLA": "tab:green", "MLA wide RoPE": "tab:purple"}
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+for kind in CONTENDERS:
+    for s in RACE["seeds"]:
+        h = race[(kind, s)]
+        axes[0].plot(h["eval_step"][1:], h["eval_loss"][1:], "o-", ms=3, lw=1, color=colours[kind], alpha=0.75,
+                     ls="-" if s == RACE["seeds"][0] else "--", label=kind if s == RACE["seeds"][0] else None)
+    axes[1].scatter(mean_loss[kind], final_loss[kind], color=colours[kind], s=30 + race_cache[kind], alpha=0.8,
+                    label=f"{kind} ({race_cache[kind]} cached)")
+axes[0].set_xlabel("step")
+axes[0].set_ylabel("held-out loss (nats per response token)")
+axes[0].set_title("Held-out loss during training (solid: seed 0, dashed: seed 1)", fontsize=10)
+axes[0].legend(fontsize=8)
+axes[1].set_xlabel("mean held-out loss over the run")
+axes[1].set_ylabel("final held-out loss")
+axes[1].set_title("Each run (marker area: cache per token)", fontsize=10)
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Read the race with the noise in mind. The two seeds of one kind can differ as much as two kinds do, and another
+# machine will give other numbers. Within a seed, every kind sees the same batches, so compare kinds seed by seed, and
+# trust the mean over the run more than the final point. Three things stood out in every run we made while writing this
+# chapter (five different initialisations of each model):
+#
+# - every kind learns, and at this size they all end within about 0.2 nats of each other;
+# - MLA with V2's proportions learns later than MHA: its mean held-out loss over the run is higher, and it ends behind;
+# - giving MLA's decoupled RoPE key a full head's width (8 more cached numbers per token) lowered its final loss in
+#   every run, and on average brought it level with MHA. Our task is about positions, and MLA carries position only in
+#   that one narrow key shared by all heads.
+#
+# This does not contradict the paper. Its comparison is of benchmark scores of MoE models with 16B and 250B
+# parameters, with $n_h = 128$ heads and $d_h^R = 64$; ours is the loss of a 120k-parameter model with 4 heads and a
+# RoPE key of 8 numbers. The miniature reproduces the cache arithmetic exactly, but not the quality claim.
+
+# %%
+for s_ in RACE["seeds"]:
+    order = sorted(CONTENDERS, key=lambda k: race[(k, s_)]["eval_loss"][-1])
+    print(f"seed {s_}, final held-out loss, best first: " + ", ".join(
+        f"{k} {race[(k, s_)]['eval_loss'][-1]:.3f}" for k in order))
+gap = mean_loss["MLA"] - mean_loss["MHA"]
+gap_wide = mean_loss["MLA wide RoPE"] - mean_loss["MHA"]
+print(f"mean over the run, MLA minus MHA per seed: {', '.join(f'{g:+.3f}' for g in gap)}; "
+      f"MLA wide RoPE minus MHA: {', '.join(f'{g:+.3f}' for g in gap_wide)}")
+
+# %% [markdown]
+# ## 4. Decoding at growing context lengths
+#
+# Now the cache's other cost, time. We take one model shape, width 256 with 8 heads of 32 in 2 layers, and build it
+# with MHA, with GQA (2 key-value heads) and with MLA ($d_c = 128$, $d_h^R = 16$: V2's proportions). For each, a
+# prefill of random tokens fills the cache up to a context length, then we time single-token decoding steps, and
+# repeat at longer contexts. MLA decodes from one and the same cache in both modes. Each point is the fastest of four
+# steps, the one least disturbed by whatever else the machine runs.
+
+# %%
+DECODE = dslib.sized(small=dict(batch=4, contexts=(256, 512, 1024, 2048, 4096), steps=4),
+                     full=dict(batch=8, contexts=(256, 512, 1024, 2048, 4096, 8192, 16384), steps=5))
+D_DEC, H_DEC, L_DEC = 256, 8, 2
+max_ctx = max(DECODE["contexts"])
+torch.manual_seed(0)
+dec_models = {
+    "MHA": Transformer(TransformerConfig(vocab_size=V, d_model=D_DEC, n_layer=L_DEC, n_head=H_DEC,
+                                         max_seq_len=max_ctx + 64)),
+    "GQA": Transformer(TransformerConfig(vocab_size=V, d_model=D_DEC, n_layer=L_DEC, n_head=H_DEC, n_kv_head=2,
+                                         max_seq_len=max_ctx + 64)),
+    "MLA": MLATransformer(MLATransformerConfig(vocab_size=V, d_model=D_DEC, n_layer=L_DEC, n_head=H_DEC,
+                                               kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                                               v_head_dim=32, max_seq_len=max_ctx + 64)),
+}
+prefix = torch.randint(0, V, (DECODE["batch"], max_ctx), generator=torch.Generator().manual_seed(0))
+step_tokens = torch.randint(0, V, (DECODE["batch"], 1), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+def sync() -> None:
+    """Wait for the GPU to finish (its calls return before the work is done), so that timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model, cache, n: int) -> float:
+    """Seconds of one decoding step at the cache's current length: the fastest of n steps after a warm-up (the least
+    disturbed by whatever else the machine runs). Each step's own cache entry is dropped again."""
+    start_len, times = cache.length, []
+    for _ in range(n + 1):
+        cache.length = start_len
+        sync()
+        t0 = time.perf_counter()
+        model(step_tokens, cache=cache)
+        sync()
+        times.append(time.perf_counter() - t0)
+    cache.length = start_len
+    return min(times[1:])
+
+
+decode_ms, cache_mib = {}, {}
+t0 = time.time()
+with torch.no_grad():
+    for name, model in dec_models.items():
+        model.to(device).eval()
+        if isinstance(model, MLATransformer):
+            cache = model.new_cache(DECODE["batch"], max_ctx + 8)
+        else:
+            cache = KVCache(model.config, DECODE["batch"], max_ctx + 8, device=device)
+        filled = 0
+        for ctx in DECODE["contexts"]:
+            if isinstance(model, MLATransformer):
+                model.mode = "naive"  # prefill through the fused kernel; the cache is the same in both modes
+            model(prefix[:, filled:ctx].to(device), cache=cache)
+            filled = ctx
+            for mode in (("naive", "absorb") if isinstance(model, MLATransformer) else (None,)):
+                label = name if mode is None else f"MLA {'absorbed' if mode == 'absorb' else 'naive'}"
+                if mode is not None:
+                    model.mode = mode
+                decode_ms.setdefault(label, []).append(1000 * time_steps(model, cache, DECODE["steps"]))
+                # the bytes a cache of exactly ctx positions holds (ours is preallocated a little longer)
+                cache_mib.setdefault(label, []).append(cache.nbytes() * ctx / cache.max_len / 2**20)
+decode_seconds = time.time() - t0
+print(f"batch {DECODE['batch']}, {decode_seconds:.0f} s; ms per decoding step (the whole batch):")
+print("context " + "".join(f"{ctx:>9}" for ctx in DECODE["contexts"]))
+for label, ms in decode_ms.items():
+    print(f"{label:<13}" + "".join(f"{v:9.1f}" for v in ms) + f"   cache at {max_ctx}: {cache_mib[label][-1]:.1f} MiB")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+styles = {"MHA": ("tab:blue", "o-"), "GQA": ("tab:orange", "s-"), "MLA naive": ("tab:green", "^--"),
+          "MLA absorbed": ("tab:green", "v-")}
+for label, ms in decode_ms.items():
+    colour, style = styles[label]
+    axes[0].plot(DECODE["contexts"], ms, style, color=colour, label=label)
+    axes[1].plot(DECODE["contexts"], cache_mib[label], style, color=colour, label=label)
+for ax in axes:
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(DECODE["contexts"], [f"{c:,}" for c in DECODE["contexts"]])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    low, high = ax.get_ylim()  # label the log axis at 1, 2, 5, 10, ... in plain numbers
+    ax.set_yticks([v * 10.0 ** e for e in range(-2, 6) for v in (1, 2, 5) if low <= v * 10.0 ** e <= high])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("context length (tokens)")
+    ax.legend()
+axes[0].set_ylabel("ms per decoding step")
+n_threads = torch.get_num_threads()
+where = f"{n_threads} CPU thread{'s' if n_threads > 1 else ''}" if device.type == "cpu" else device.type.upper()
+axes[0].set_title(f"Decoding time, batch {DECODE['batch']}, {where}")
+axes[1].set_ylabel("KV cache (MiB, float32)")
+axes[1].set_title("Cache memory (both MLA modes share one cache)")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# What the curves show, and why. *Naive* MLA re-creates the keys and values of every cached token at every step: that
+# is $d_c \cdot n_h (d_h + d_h^v)$ multiply-adds per cached token per layer, work that grows with the context, and it
+# is the slowest by far. *Absorbed* MLA reads only the latents. A cached token costs it $n_h (2 d_c + d_h^R)$
+# multiply-adds against MHA's $2 n_h d_h$, about four times more arithmetic at V2's proportions, but every head reads
+# the same $d_c + d_h^R$ numbers, instead of its own $2 d_h$. On a GPU, decoding is usually bound by memory bandwidth,
+# and the fewer bytes win. A CPU has much less arithmetic to spare, and the two costs roughly cancel at this small
+# width: absorbed MLA decodes at close to MHA's speed, with a cache 3.6 times smaller. With more heads the byte saving
+# grows ($n_h / 2.25$) while the extra arithmetic stays at four times; `benchmarks/mla_decode.py` measures 16 heads,
+# batch 8.
+# GQA's cache is the smallest here, yet at long contexts it decodes more slowly than MHA: `dslib.transformer.Attention`
+# repeats each key-value head for its group of query heads at every step (`repeat_interleave`), which copies the whole
+# cache and costs more than the reading it saves. A grouped kernel would not copy.
+
+# %%
+mla_dec = dec_models["MLA"].config
+per_token_cost = {  # multiply-adds and cached elements read, per cached token per layer, at one decoding step
+    "MHA": (2 * H_DEC * (D_DEC // H_DEC), kv_cache_elements("MHA", n_head=H_DEC, head_dim=D_DEC // H_DEC)),
+    "MLA naive": (mla_dec.kv_lora_rank * H_DEC * (mla_dec.qk_nope_head_dim + mla_dec.v_head_dim)
+                  + H_DEC * (mla_dec.qk_head_dim + mla_dec.v_head_dim), mla_dec.cache_elements),
+    "MLA absorbed": (H_DEC * (2 * mla_dec.kv_lora_rank + mla_dec.qk_rope_head_dim), mla_dec.cache_elements),
+}
+for label, (macs, elements) in per_token_cost.items():
+    print(f"{label:<13} {macs:>7,} multiply-adds, {elements:>4} cached numbers read per token per layer; "
+          f"{decode_ms[label][-1]:6.1f} ms per step at {max_ctx}")
+speed_absorbed_vs_mha = decode_ms["MHA"][-1] / decode_ms["MLA absorbed"][-1]
+speed_absorbed_vs_naive = decode_ms["MLA naive"][-1] / decode_ms["MLA absorbed"][-1]
+cache_ratio_dec = cache_mib["MHA"][-1] / cache_mib["MLA absorbed"][-1]
+print(f"at {max_ctx} tokens: absorbed MLA is {speed_absorbed_vs_naive:.1f}x faster than naive MLA and "
+      f"{speed_absorbed_vs_mha:.2f}x MHA's speed, with a {cache_ratio_dec:.2f}x smaller cache")
+
+# %% [markdown]
+# ## 5. The real configurations
+#
+# Back to the models the paper compares. DeepSeek-V2 (60 layers) and V3 (61 layers) use MLA with $d_c = 512$ and
+# $d_h^R = 64$; DeepSeek 67B (95 layers) and LLaMA-2-70B (80 layers) use GQA with 8 key-value heads of 128. For scale,
+# we add V2's shape with MHA (128 heads of 128), the cache MLA replaces.
+
+# %%
+REAL = {
+    "DeepSeek 67B": dict(kind="GQA", n_layer=95, n_kv_head=8, head_dim=128),
+    "LLaMA-2-70B": dict(kind="GQA", n_layer=80, n_kv_head=8, head_dim=128),
+    "V2 shape with MHA": dict(kind="MHA", n_layer=60, n_head=128, head_dim=128),
+    "DeepSeek-V2": dict(kind="MLA", n_layer=60, kv_lora_rank=512, qk_rope_head_dim=64),
+    "DeepSeek-V3": dict(kind="MLA", n_layer=61, kv_lora_rank=512, qk_rope_head_dim=64),
+}
+real = {}
+print(f"{'model':<18} {'kind':<4} {'layers':>6} {'per layer':>10} {'per token':>10} {'KiB/token':>10} "
+      f"{'GiB at 128k':>12}  (BF16)")
+for name, spec in REAL.items():
+    spec = dict(spec)
+    kind, n_layer = spec.pop("kind"), spec.pop("n_layer")
+    per_layer_elems = kv_cache_elements(kind, **spec)
+    kib = kv_cache_bytes(kind, n_layer=n_layer, **spec) / 2**10
+    gib_128k = kv_cache_bytes(kind, n_layer=n_layer, tokens=128 * 1024, **spec) / 2**30
+    real[name] = dict(kind=kind, n_layer=n_layer, per_layer=per_layer_elems, per_token=per_layer_elems * n_layer,
+                      kib=kib, gib_128k=gib_128k, spec=spec)
+    print(f"{name:<18} {kind:<4} {n_layer:>6} {per_layer_elems:>10,} {per_layer_elems * n_layer:>10,} {kib:>10.1f} "
+          f"{gib_128k:>12.2f}")
+
+# The paper's "-93.3% KV cache" of V2 against DeepSeek 67B.
+bf16_67b = kv_cache_bytes("GQA", n_layer=95, n_kv_head=8, head_dim=128, dtype=torch.bfloat16)
+v2_bf16 = kv_cache_bytes("MLA", n_layer=60, kv_lora_rank=512, qk_rope_head_dim=64, dtype=torch.bfloat16)
+v2_6bit = kv_cache_bytes("MLA", n_layer=60, kv_lora_rank=512, qk_rope_head_dim=64, dtype=6)
+saving_bf16, saving_6bit = 1 - v2_bf16 / bf16_67b, 1 - v2_6bit / bf16_67b
+bits_for_933 = (1 - 0.933) * bf16_67b * 8 / real["DeepSeek-V2"]["per_token"]
+print(f"\nV2 vs 67B, both BF16: {saving_bf16:.1%} smaller; V2 cache at 6 bits per element: {saving_6bit:.1%} smaller; "
+      f"93.3% needs {bits_for_933:.2f} bits per V2 element")
+print(f"MLA at V2's shape = GQA with {real['DeepSeek-V2']['per_layer'] / (2 * 128)} groups; "
+      f"{real['V2 shape with MHA']['per_layer'] / real['DeepSeek-V2']['per_layer']:.1f}x smaller than MHA")
+assert real["DeepSeek-V2"]["per_layer"] == 576 and real["V2 shape with MHA"]["per_layer"] == 32_768
+assert round(saving_6bit, 3) == 0.933 and 0.81 < saving_bf16 < 0.83
+
+# %% [markdown]
+# Two things to read off. First, MLA's 576 numbers per layer are 57 times fewer than MHA's 32,768 at the same shape,
+# and fewer than GQA with 8 groups (2,048): MLA's cache is that of GQA with 2.25 groups. Second, the headline of the
+# paper's abstract, that V2 "reduces the KV cache by 93.3%" against DeepSeek 67B, is not the architecture alone. In
+# BF16, V2's cache (60 layers of 576) is 82.2% smaller than 67B's (95 layers of 2,048). The paper serves V2 with its KV
+# cache quantised to about 6 bits per element on average, and 6-bit V2 against BF16 67B gives 93.3%. Both numbers are
+# true; they answer different questions.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+names = list(real)
+bar_colours = ["tab:orange", "tab:orange", "tab:blue", "tab:green", "tab:green"]
+kibs = [real[n]["kib"] for n in names]
+axes[0].barh(names, kibs, color=bar_colours)
+axes[0].barh(["DeepSeek-V2 (6-bit cache)"], [v2_6bit / 2**10], color="tab:green", hatch="//", alpha=0.6)
+for y, v in enumerate(kibs + [v2_6bit / 2**10]):
+    axes[0].text(v * 1.1, y, f"{v:,.1f}", va="center", fontsize=8)
+axes[0].set_xscale("log")
+axes[0].set_xlim(10, 3e4)
+axes[0].invert_yaxis()
+axes[0].set_xlabel("KV cache per token (KiB, BF16 unless noted, log scale)")
+axes[0].set_title("KV cache per token of the real models")
+contexts = np.array([1, 2, 4, 8, 16, 32, 64, 128]) * 1024
+for n, colour, style in zip(names, bar_colours, ["o-", "s--", "^-", "v-", "d--"]):
+    axes[1].plot(contexts / 1024, real[n]["kib"] * contexts / 2**20, style, color=colour, label=n, ms=4)
+axes[1].axhline(80, color="gray", ls=":", lw=1)
+axes[1].text(1, 95, "80 GiB: one H100's memory", fontsize=8, color="gray")
+axes[1].set_xscale("log", base=2)
+axes[1].set_yscale("log")
+axes[1].set_xlabel("context length (k tokens)")
+axes[1].set_ylabel("KV cache of one sequence (GiB, BF16)")
+axes[1].set_title("Cache of one sequence against context")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 6. Explore the cache
+#
+# Move the shape of a model: heads, head width, GQA groups, MLA's latent and RoPE widths, layers, context and the
+# number format. The bars show the cache of one sequence for each kind of attention. (Where no widget front end runs,
+# as in CI, the explorer shows its defaults: DeepSeek-V2's shape at 32k tokens in BF16.)
+
+# %%
+FORMATS = {"bf16": torch.bfloat16, "fp8": 8, "fp32": torch.float32, "6-bit": 6, "4-bit": 4}
+
+
+def show_cache(n_head=128, head_dim=128, gqa_groups=8, kv_lora_rank=512, qk_rope_head_dim=64, n_layer=60,
+               context=32_768, dtype="bf16"):
+    shape = dict(n_head=n_head, head_dim=head_dim, n_kv_head=min(gqa_groups, n_head), kv_lora_rank=kv_lora_rank,
+                 qk_rope_head_dim=qk_rope_head_dim)
+    gib = {kind: kv_cache_bytes(kind, n_layer=n_layer, tokens=context, dtype=FORMATS[dtype], **shape) / 2**30
+           for kind in KINDS}
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    bars = ax.bar(list(gib), list(gib.values()), color=[colours[k] for k in gib])
+    for bar, kind in zip(bars, gib):
+        elements = kv_cache_elements(kind, **shape)
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{gib[kind]:.2f} GiB\n{elements:,}/layer",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(min(gib.values()) / 3, max(gib.values()) * 8)
+    ax.set_ylabel("GiB per sequence (log scale)")
+    groups = (kv_lora_rank + qk_rope_head_dim) / (2 * head_dim)
+    ax.set_title(f"{n_layer} layers, {context:,} tokens, {dtype}: MLA is {gib['MHA'] / gib['MLA']:.1f}x smaller "
+                 f"than MHA, = GQA with {groups:.2f} groups", fontsize=9)
+    plt.show()
+
+
+explore(show_cache, n_head=(8, 248, 8), head_dim=(32, 224, 32), gqa_groups=(1, 15, 1), kv_lora_rank=(64, 960, 64),
+        qk_rope_head_dim=(16, 112, 16), n_layer=(4, 116, 4), context=[32_768, 4096, 8192, 16_384, 65_536, 131_072],
+        dtype=list(FORMATS))
+
+# %% [markdown]
+# ## 7. Claims ledger
+#
+# What the paper claims next to what this chapter measured.
+
+# %%
+mha_final, mla_final = final_loss["MHA"].mean(), final_loss["MLA"].mean()
+wide_final = final_loss["MLA wide RoPE"].mean()
+race_text = ", ".join(f"{k} {final_loss[k].mean():.3f}" for k in KINDS)
+mla_holds = bool(mla_final <= mha_final)
+order_holds = bool(final_loss["MHA"].mean() < final_loss["GQA"].mean() < final_loss["MQA"].mean())
+max_equivalence = max(max(equivalence_errors.values()), max(reference_errors.values()))
+
+ledger = Ledger("03")
+ledger.add("MLA caches d_c + d_h^R numbers per token per layer",
+           "576 against 32,768 for MHA at n_h = d_h = 128, d_c = 512, d_h^R = 64 (V2, Table 1)",
+           f"{per_layer['MLA']:,} against {per_layer['MHA']:,} (formula); allocated bytes of all four caches == "
+           f"formula", per_layer["MLA"] == 576 and per_layer["MHA"] == 32_768)
+ledger.add("MLA's cache equals GQA with 2.25 groups", "2.25 groups (V2, section 2.1.4)",
+           f"{groups_equivalent} groups", groups_equivalent == 2.25)
+ledger.add("V2 reduces the KV cache by 93.3% against DeepSeek 67B", "-93.3% (V2, abstract)",
+           f"-{saving_6bit:.1%} with V2's cache at 6 bits per element against 67B in BF16; -{saving_bf16:.1%} "
+           f"with both in BF16", round(saving_6bit, 3) == 0.933,
+           "the 93.3% includes V2's KV-cache quantisation (about 6 bits per element); MLA alone gives 82%")
+ledger.add("W^UK and W^UV can be absorbed: attention runs on the latents, keys and values are never formed",
+           "the same output (V2, section 2.1.2)",
+           f"absorbed == naive == uncached forward, max error {max_equivalence:.0e} (float32)",
+           max_equivalence < 1e-4)
+ledger.add("Absorption makes decoding cheaper than decompressing the cache",
+           "no need to compute keys and values during inference (V2, section 2.1.2)",
+           f"absorbed {speed_absorbed_vs_naive:.0f}x faster than naive at {max_ctx} tokens ({device.type.upper()}, "
+           f"batch {DECODE['batch']})", speed_absorbed_vs_naive > 1)
+ledger.add("A smaller cache speeds up generation",
+           "5.76x maximum throughput of V2 against 67B (8 H800 GPUs, FP8 weights, 6-bit cache)",
+           f"absorbed MLA {speed_absorbed_vs_mha:.2f}x MHA's decoding speed with a {cache_ratio_dec:.1f}x smaller "
+           f"cache ({device.type.upper()}, {L_DEC} layers, {H_DEC} heads)", None,
+           "not comparable: the paper measures a whole serving system on GPUs; here one small model, and absorbed "
+           "MLA does about 4x MHA's arithmetic per cached token, which a CPU feels; see benchmarks/mla_decode.py")
+ledger.add("MLA is at least as good as MHA", "'stronger' than MHA (V2, Table 1; Appendix D.2: benchmarks of MoE "
+           "models of about 16B and 250B parameters)",
+           f"final held-out loss MLA {mla_final:.3f} vs MHA {mha_final:.3f}; MLA wide RoPE {wide_final:.3f} "
+           f"({len(RACE['seeds'])} seeds, {race_params['MHA'] / 1e3:.0f}k parameters)", mla_holds,
+           "" if mla_holds else "a tiny model, 0.5M tokens, loss instead of benchmarks, on a task about positions: "
+           "MLA carries position only in a narrow RoPE key shared by all heads (8 numbers here)")
+ledger.add("Sharing key-value heads costs quality: MHA > GQA > MQA",
+           "MHA ahead of GQA and MQA on hard benchmarks (V2, Appendix D.1, 7B dense models)",
+           f"final held-out loss {race_text}", order_holds,
+           "" if order_holds else "the differences are within the noise of two short runs per kind")
+ledger.show()
+saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger` prints every chapter's rows
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Break the decoupling.** Write a variant of `MLA` that applies RoPE to $q^C$ and $k^C$ after decompression (and
+#    drops $q^R$, $k^R$). The naive path still works. Try to write its absorbed path, and find where the position
+#    dependent rotation gets in the way.
+# 2. **The position channel.** Rerun the race with `qk_rope_head_dim` of 4, 8, 16 and 32 at three seeds. Does the
+#    width of the shared RoPE key explain MLA's place? What does it cost in cache?
+# 3. **The latent width.** Sweep `kv_lora_rank` (8, 16, 32, 64) and plot final held-out loss against cached elements
+#    per token, next to GQA and MQA. Where does MLA stop paying for itself?
+# 4. **Quantise the cache.** Store `MLACache.kv` in 8 bits per token (absmax scaling) and measure the logit error
+#    against float32. How many bits does V2 need for its 93.3%, and what would 4 bits give?
+# 5. **Roofline.** From the table of multiply-adds and bytes in section 4, compute the arithmetic per byte of MHA and of
+#    absorbed MLA. Measure your machine's matrix-multiply speed and memory bandwidth, predict the head count at which
+#    absorbed MLA overtakes MHA, and check it with `python benchmarks/mla_decode.py --n-head ...`.
+#
+# ## Checks
+#
+# The chapter's key measurements, asserted (this is what the test suite checks).
+
+# %%
+assert max(reference_errors.values()) < 1e-5 and max(equivalence_errors.values()) < 1e-4
+assert packed_error < 1e-5
+assert per_layer["MLA"] == 576 and per_layer["MHA"] == 32_768 and groups_equivalent == 2.25
+assert round(saving_6bit, 3) == 0.933 and 0.81 < saving_bf16 < 0.83
+assert all(measured[k] == kv_cache_bytes(k, n_layer=3, tokens=50, batch_size=2, dtype=torch.float32, **shape)
+           for k in KINDS)
+assert abs(cache_ratio_dec - kv_cache_elements("MHA", n_head=H_DEC, head_dim=D_DEC // H_DEC)
+           / mla_dec.cache_elements) < 1e-9
+# Decoding work per cached token (not a timing: timings belong to benchmarks/): naive MLA re-creates keys and values.
+assert per_token_cost["MLA naive"][0] > 25 * per_token_cost["MLA absorbed"][0]
+assert per_token_cost["MLA absorbed"][1] * 3.5 < per_token_cost["MHA"][1]
+# Every kind learns (the loss falls from about 4.6 past the 1.0 plateau's start), nothing leaks the answer (the
+# loss stays above what a model that sees the future would reach), and MLA stays within 30% of MHA.
+for k in CONTENDERS:
+    assert 0.3 < final_loss[k].max() < 1.2 and race[(k, RACE["seeds"][0])]["eval_loss"][0] > 4, (k, final_loss[k])
+assert mla_final < 1.3 * mha_final, (mla_final, mha_final)
+print(f"chapter 03 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
