@@ -130,7 +130,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from dslib.transformer import RMSNorm, SwiGLU, apply_rope, document_causal_mask, rope_cos_sin
+from dslib.transformer import RMSNorm, SwiGLU, Transformer, apply_rope, document_causal_mask, rope_cos_sin
 
 ATTENTION_KINDS = ("MHA", "GQA", "MQA", "MLA")
 
@@ -692,37 +692,8 @@ class MLATransformer(nn.Module):
             cache.length += t
         return self.lm_head(self.norm(x))
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 stop_id: int | None = None, pad_id: int = 0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue equal-length prompts (b, t0) with an MLACache, as dslib.transformer.Transformer.generate does:
-        greedy when temperature is 0, else sampled; rows that emit stop_id are padded with pad_id afterwards.
-        Returns (b, t0 + n) with n <= max_new_tokens."""
-        if max_new_tokens < 0 or temperature < 0:
-            raise ValueError("max_new_tokens and temperature must be non-negative")
-        b, t0 = input_ids.shape
-        max_new_tokens = min(max_new_tokens, self.config.max_seq_len - t0)
-        if max_new_tokens <= 0:
-            return input_ids
-        cache = self.new_cache(b, t0 + max_new_tokens)
-        logits = self(input_ids, cache=cache)[:, -1]
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        out = [input_ids]
-        for i in range(max_new_tokens):
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = torch.multinomial(F.softmax(logits.float() / temperature, -1), 1, generator=generator)[:, 0]
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out.append(nxt[:, None])
-            if stop_id is not None:
-                done |= nxt == stop_id
-                if bool(done.all()):
-                    break
-            if i + 1 < max_new_tokens:
-                logits = self(nxt[:, None], cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+    # Decoding is chapter 00's loop unchanged: it asks the model for a cache through new_cache, so it gets an MLACache.
+    generate = Transformer.generate
 
 # %% [markdown]
 # **Three checks of the model.**

@@ -226,6 +226,11 @@ class Transformer(nn.Module):
             cache.length += t
         return self.lm_head(self.norm(x))
 
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KVCache for this model, on its device and in its dtype."""
+        w = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, w.device, w.dtype)
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  stop_id: int | None = None, pad_id: int = 0,
@@ -238,7 +243,7 @@ class Transformer(nn.Module):
         max_new_tokens = min(max_new_tokens, self.config.max_seq_len - t0)
         if max_new_tokens <= 0:
             return input_ids
-        cache = KVCache(self.config, b, t0 + max_new_tokens, input_ids.device, self.embed.weight.dtype)
+        cache = self.new_cache(b, t0 + max_new_tokens)  # a model with another cache overrides new_cache
         logits = self(input_ids, cache=cache)[:, -1]
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         out = [input_ids]
