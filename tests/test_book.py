@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -162,6 +163,17 @@ def test_check_fails_when_pair_out_of_sync(root: Path) -> None:
     assert "chapters/07_demo.ipynb is out of sync with chapters/07_demo.py" in problems[0]
     write_notebook(source)
     assert check(root) == []
+
+
+def test_pair_check_works_without_jupytext(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    export(root)
+    monkeypatch.setitem(sys.modules, "jupytext", None)  # `import jupytext` now raises ImportError
+    assert check(root) == []
+    source = root / "chapters" / "07_demo.py"
+    source.write_text(source.read_text().replace("return one() + 1", "return one() + 2"))
+    problems = check(root)
+    assert len(problems) == 2  # the pair and the generated module beta.py
+    assert any("chapters/07_demo.ipynb is out of sync with chapters/07_demo.py" in p for p in problems)
 
 
 def test_check_fails_when_notebook_has_outputs(root: Path) -> None:
