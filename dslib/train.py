@@ -120,13 +120,16 @@ class Trainer:
 
     data.batch(step) must give the batch of step `step` as a pure function of the step (world.PackedData does), so that
     a run resumed from a checkpoint sees the same batches, and produces the same losses, as an uninterrupted one.
+
+    after_step(trainer, batch), when given, runs after each optimizer step (chapter 02 moves the MoE routing bias there).
     """
 
     def __init__(self, model: torch.nn.Module, data, config: TrainConfig, eval_batches: Sequence[dict] = (),
                  checkpoint_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                 loss_fn: Callable = batch_loss):
+                 loss_fn: Callable = batch_loss, after_step: Callable | None = None):
         self.model, self.data, self.config = model.to(device), data, config
         self.eval_batches, self.device, self.loss_fn = list(eval_batches), torch.device(device), loss_fn
+        self.after_step = after_step
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=config.betas)
@@ -193,6 +196,8 @@ class Trainer:
                 if c.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 self.optimizer.step()
+                if self.after_step is not None:
+                    self.after_step(self, batch)
                 self.step += 1
                 self.history["step"].append(self.step)
                 self.history["loss"].append(loss.item())
