@@ -1,0 +1,1471 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 05 · GRPO: reinforcement learning without a critic
+#
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/deepseek-from-scratch/deepseek-from-scratch/blob/main/chapters/05_grpo.ipynb)
+# [![Binder](https://mybinder.org/badge_logo.svg)](https://mybinder.org/v2/gh/deepseek-from-scratch/deepseek-from-scratch/main?labpath=chapters%2F05_grpo.ipynb)
+#
+# **What you will build.** The reinforcement-learning algorithm behind DeepSeekMath and DeepSeek-R1, and the machinery
+# it needs:
+#
+# 1. `dslib.sampling`: a batched, KV-cached rollout engine for any dslib model: prompts of different lengths in one
+#    batch, temperature and top-p, stop tokens, a maximum length, a seed; it returns the tokens, the sampling policy's
+#    per-token log-probabilities and the completion masks (section 1);
+# 2. `dslib.rewards`: rule-based rewards on the arithmetic world: accuracy and format, never evaluated, never raising
+#    (section 2);
+# 3. `dslib.grpo`: group advantages, the k3 KL estimator, the clipped objective with the normalisations of GRPO, Dr.
+#    GRPO and DAPO, and a GRPO trainer with a frozen reference model (section 3);
+# 4. experiments: k3 against the exact KL (section 4); the paper's unified view of SFT, RFT, DPO, PPO and GRPO as
+#    gradient coefficients (section 5); GRPO on the course's base model, where the reward rises within a minute
+#    (section 6); Dr. GRPO's length bias (section 7); groups whose rewards are all equal (section 8); the memory a
+#    critic would cost (section 9); an explorer of advantages and the clipped objective (section 10).
+#
+# **Papers.** DeepSeekMath (arXiv 2402.03300), section 4 (GRPO, equations 1-4 and Algorithm 1) and section 5.2.1 (the
+# unified paradigm); the critiques Dr. GRPO ("Understanding R1-Zero-like training", arXiv 2503.20783) and DAPO
+# (arXiv 2503.14476). The full R1-Zero run, with its "aha moment", is chapter 06's; this chapter keeps its runs short.
+#
+# Cells that start with `#| export` are saved into `dslib` by `python -m dslib.book export`; later chapters import them.
+
+# %%
+# Set-up. Where dslib is missing (as on Colab), fetch the course from its repository and install dslib from it; the
+# chapters also read small data files from its assets/ folder.
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY = "https://github.com/deepseek-from-scratch/deepseek-from-scratch"
+if importlib.util.find_spec("dslib") is None:
+    clone = Path.home() / "deepseek-from-scratch"
+    if not clone.exists():
+        subprocess.run(["git", "clone", "--depth", "1", REPOSITORY, str(clone)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)], check=True)
+    sys.path.insert(0, str(clone))
+    os.chdir(clone / "chapters")
+
+import copy
+import math
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import dslib
+from dslib.book import Ledger
+from dslib.explore import explore
+from dslib.mla import MLATransformer, MLATransformerConfig
+from dslib.pretrained import base_model, base_model_info, base_world
+from dslib.transformer import Transformer, TransformerConfig
+from dslib.world import prompt
+
+# One CPU thread at small scale: the models are tiny, and one thread is far less disturbed by other programs on a
+# shared machine than two that wait for each other.
+device = dslib.setup(seed=0, threads=dslib.sized(small=1, full=None))
+SCALE = dslib.scale()
+CHAPTER_START = time.time()
+
+# %% [markdown]
+# ## GRPO in one page
+#
+# PPO (Schulman et al. 2017), as used for language models, maximises for each question $q$ and sampled output $o$
+#
+# $$\mathcal{J}_{PPO}(\theta) = \mathbb{E}\Big[\frac{1}{|o|}\sum_{t=1}^{|o|} \min\Big(\frac{\pi_\theta(o_t\mid q,
+# o_{<t})}{\pi_{\theta_{old}}(o_t\mid q, o_{<t})} A_t,\ \mathrm{clip}\Big(\frac{\pi_\theta}{\pi_{\theta_{old}}},
+# 1-\varepsilon, 1+\varepsilon\Big) A_t\Big)\Big] \qquad \text{(DeepSeekMath, eq. 1)}$$
+#
+# where the advantage $A_t$ comes from generalised advantage estimation with a learned **value model** (the critic),
+# usually as large as the policy. DeepSeekMath's Group Relative Policy Optimization drops the critic. For each question
+# it samples a group of $G$ outputs $\{o_1, \dots, o_G\}$ from $\pi_{\theta_{old}}$, scores them, and uses the
+# group itself as the baseline:
+#
+# $$\hat A_{i,t} = \tilde r_i = \frac{r_i - \mathrm{mean}(\mathbf r)}{\mathrm{std}(\mathbf r)} \qquad
+# \text{(outcome supervision, section 4.1.2)}$$
+#
+# $$\mathcal{J}_{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^{G}\frac{1}{|o_i|}\sum_{t=1}^{|o_i|}\Big\{\min
+# \big(\rho_{i,t}\hat A_{i,t},\ \mathrm{clip}(\rho_{i,t}, 1-\varepsilon, 1+\varepsilon)\hat A_{i,t}\big) - \beta\,
+# \mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}]\Big\}\Big] \qquad \text{(eq. 3)}$$
+#
+# with $\rho_{i,t} = \pi_\theta(o_{i,t}\mid q, o_{i,<t}) / \pi_{\theta_{old}}(o_{i,t}\mid q, o_{i,<t})$ and the KL
+# penalty added to the loss per token (not folded into the reward, as PPO for RLHF does), with the unbiased estimator
+#
+# $$\mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}] = \frac{\pi_{ref}(o_{i,t}\mid\cdot)}{\pi_\theta(o_{i,t}\mid\cdot)} - \log
+# \frac{\pi_{ref}(o_{i,t}\mid\cdot)}{\pi_\theta(o_{i,t}\mid\cdot)} - 1 \qquad \text{(eq. 4, Schulman's "k3")}.$$
+#
+# DeepSeekMath trained with $G = 64$, learning rate $10^{-6}$, $\beta = 0.04$, one policy update per batch of
+# rollouts ($\mu = 1$), batches of 1,024 outputs, and 144k chain-of-thought questions (section 4.2).
+#
+# Everything here needs three pieces: fast sampling with log-probabilities, rewards, and the loss. We build them in that
+# order.
+
+# %% [markdown]
+# ## 1. The rollout engine: `dslib.sampling`
+#
+# GRPO spends most of its time generating. Chapter 00's `Transformer.generate` continues prompts of **equal** length;
+# GRPO's batch holds prompts of different lengths (07+35 is shorter than 07+35-12+04). The engine left-pads them so that
+# every prompt ends in the same column, and keeps the padding invisible with what `Transformer.forward` already
+# accepts: explicit **positions** (RoPE counts only real tokens, so a padded row rotates exactly as it would alone) and
+# an explicit boolean **attention mask** (no query sees a padding key; a padding query sees only itself, so no softmax
+# row is empty). The KV cache then needs nothing new: the prompt is one prefill, each new token one step.
+#
+# The engine returns, for every sampled token, the log-probability under the distribution it was **actually drawn
+# from** (after temperature and top-p). GRPO needs exactly this for $\pi_{\theta_{old}}$ in the ratio. With top-p of 1
+# it equals what a teacher-forced forward pass at the same temperature gives, which we check below.
+
+# %%
+#| default_exp grpo
+
+# %%
+#| export sampling
+"""Batched, KV-cached generation for dslib models: prompts of different lengths, temperature and top-p, stop tokens,
+the sampling policy's per-token log-probabilities and completion masks (chapter 05)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Rollout:
+    """A batch of generated completions, left-padded prompts first.
+
+    prompt_ids (b, P): prompts, left-padded with pad_id to the longest; prompt_mask (b, P) is True on real tokens.
+    tokens (b, N): the completions; after a stop token (which is kept) the row holds pad_id.
+    logprobs (b, N): log-probability of each completion token under the distribution it was sampled from (after
+        temperature and top-p; 0 for greedy decoding); 0 where mask is False.
+    mask (b, N): True on completion tokens (up to and including the stop token).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Completion lengths in tokens (b,)."""
+        return self.mask.sum(-1)
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """Prompt and completion side by side (b, P + N)."""
+        return torch.cat([self.prompt_ids, self.tokens], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """True on the real tokens of `sequences` (b, P + N)."""
+        return torch.cat([self.prompt_mask, self.mask], dim=1)
+
+    def texts(self, tokenizer) -> list[str]:
+        """The completions as text (pads dropped, the stop token kept)."""
+        return [tokenizer.decode(row[m].tolist()) for row, m in zip(self.tokens, self.mask)]
+
+# %%
+#| export sampling
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> (ids (b, P), mask (b, P)), right-aligned: every prompt ends at column P-1."""
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt, and every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def padded_attention(valid: torch.Tensor, past: int = 0, valid_past: torch.Tensor | None = None) -> torch.Tensor:
+    """The boolean attention mask (b, 1, t, past + t) for a chunk of t tokens after `past` cached ones, where
+    valid (b, t) and valid_past (b, past) mark real tokens: a query sees earlier-or-equal real keys only. A padding
+    query sees itself only (so no row of the softmax is empty; padding outputs are never read)."""
+    b, t = valid.shape
+    keys = valid if valid_past is None else torch.cat([valid_past, valid], dim=1)  # (b, past + t)
+    causal = torch.ones(t, past + t, dtype=torch.bool, device=valid.device).tril(past)
+    allowed = causal[None] & keys[:, None, :]
+    diag = torch.zeros(t, past + t, dtype=torch.bool, device=valid.device)
+    diag[torch.arange(t), past + torch.arange(t)] = True
+    return (allowed | (diag[None] & ~valid[:, :, None]))[:, None]
+
+
+def positions_of(valid: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """RoPE positions of real tokens counted from `start` (b,) or an int; padding gets position 0."""
+    pos = valid.long().cumsum(-1) - 1
+    if isinstance(start, torch.Tensor):
+        pos = pos + start[:, None]
+    else:
+        pos = pos + start
+    return torch.where(valid, pos, torch.zeros_like(pos))
+
+
+def context_limit(model: torch.nn.Module, default: int) -> int:
+    """The longest sequence a model takes: its config's max_seq_len (Transformer, MLATransformer) or
+    max_position_embeddings (DeepSeek-V3's name), else `default`."""
+    config = getattr(model, "config", None)
+    for name in ("max_seq_len", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens whose probability reaches top_p (the
+    most likely token always stays); the others get -inf."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+# %% [markdown]
+# The sampling loop. A finished row keeps stepping (the batch moves together) but writes padding and drops out of the
+# completion mask; the loop ends when every row has stopped or the length runs out.
+
+# %%
+#| export sampling
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+             stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, seed: int | None = 0,
+             generator: torch.Generator | None = None) -> Rollout:
+    """Sample completions of token-id prompts of different lengths, in one batch, with a KV cache.
+
+    The model is any dslib LM with `forward(input_ids, positions, segments, attn_mask, cache)` and
+    `new_cache(batch_size, max_len)` (Transformer, MLATransformer). Prompts are left-padded; padding is kept out of
+    attention by an explicit mask and out of RoPE by explicit positions, so every row computes what it would alone.
+
+    temperature: 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature), restricted to the top_p
+        nucleus. stop_ids: a row ends after emitting one of them (kept in the completion); stop_sequences: token-id
+        sequences (a stop string encoded, e.g. `tokenizer.encode("==")`) that end a row once its completion ends
+        with one of them (kept too). The world's `</answer>` is a single token: pass it in stop_ids.
+        max_new_tokens is capped by the model's max_seq_len. seed: a fresh generator seeded with it (the same seed
+        gives the same rollout); or pass `generator`.
+    Returns a Rollout whose logprobs are those of the distribution actually sampled from: log softmax(logits / T),
+    renormalised over the top-p nucleus. With top_p = 1 they equal a teacher-forced forward pass at the same
+    temperature (`sequence_logprobs`), which is what GRPO's ratio pi_theta / pi_theta_old needs.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: a positive int is required")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: a non-negative number is required")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: a number in (0, 1] is required")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids, valid = left_pad(prompts, pad_id, device)
+    b, width = ids.shape
+    limit = context_limit(model, width + max_new_tokens)
+    n_new = min(max_new_tokens, limit - width)
+    if n_new < 1:
+        raise ValueError(f"the longest prompt has {width} tokens: no room to generate within max_seq_len={limit}")
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    sequences = [torch.as_tensor(list(q), dtype=torch.long, device=device) for q in stop_sequences]
+    if any(len(q) == 0 for q in sequences):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    prompt_len = valid.sum(-1)  # (b,)
+
+    cache = model.new_cache(b, width + n_new)
+    logits = model(ids, positions=positions_of(valid), attn_mask=padded_attention(valid), cache=cache)[:, -1]
+    key_valid = torch.cat([valid, torch.ones(b, n_new, dtype=torch.bool, device=device)], dim=1)
+    tokens = torch.full((b, n_new), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(b, n_new, device=device)
+    mask = torch.zeros(b, n_new, dtype=torch.bool, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    steps = 0
+    for i in range(n_new):
+        logits = logits.float()
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+            lp = torch.zeros(b, device=device)
+        else:
+            logp = top_p_filter(logits / temperature, top_p).log_softmax(-1)
+            nxt = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+            lp = logp.gather(-1, nxt[:, None])[:, 0]
+        live = ~done
+        tokens[:, i] = torch.where(live, nxt, torch.full_like(nxt, pad_id))
+        logprobs[:, i] = torch.where(live, lp, torch.zeros_like(lp))
+        mask[:, i] = live
+        steps = i + 1
+        if len(stops):
+            done = done | (live & torch.isin(nxt, stops))
+        for q in sequences:  # the completion now ends with the sequence
+            if i + 1 >= len(q):
+                done = done | (live & (tokens[:, i + 1 - len(q):i + 1] == q).all(-1))
+        if bool(done.all()) or i + 1 == n_new:
+            break
+        past = width + i
+        logits = model(tokens[:, i:i + 1], positions=(prompt_len + i)[:, None],
+                       attn_mask=key_valid[:, None, None, :past + 1], cache=cache)[:, -1]
+    model.train(was_training)
+    return Rollout(ids, valid, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps])
+
+# %% [markdown]
+# The teacher-forced side: one forward pass over prompt and completion gives $\log\pi_\theta(o_t\mid q, o_{<t})$ for
+# every completion token at once, with gradients. GRPO calls it for the policy being trained and for the reference.
+
+# %%
+#| export sampling
+def sequence_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      tokens: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher-forced log-probabilities (b, N) of completion tokens after left-padded prompts, in one forward pass
+    (with gradients when enabled): log softmax(logits / temperature) at each completion token, 0 where mask is False.
+    This is log pi_theta(o_t | q, o_<t) of GRPO's objective (DeepSeekMath, eq. 3)."""
+    ids = torch.cat([prompt_ids, tokens], dim=1)
+    valid = torch.cat([prompt_mask, mask], dim=1)
+    logits = model(ids, positions=positions_of(valid), attn_mask=padded_attention(valid))
+    width = prompt_ids.shape[1]
+    logits = logits[:, width - 1:-1].float()  # the logits that predict each completion token
+    if temperature > 0 and temperature != 1:
+        logits = logits / temperature
+    lp = logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    return lp.masked_fill(~mask, 0.0)
+
+
+def rollout_logprobs(model: torch.nn.Module, rollout: Rollout, temperature: float = 1.0,
+                     bucket: int | None = 64) -> torch.Tensor:
+    """`sequence_logprobs` of a Rollout's completions under `model` (the new policy, or the reference model).
+
+    bucket: rows are sorted by completion length and run in chunks of this many, each cut to its longest completion,
+    so that short completions do not pay for the longest one's padding (the result is the same, and differentiable;
+    None runs one pass)."""
+    b, n = rollout.tokens.shape
+    if bucket is None or b <= bucket:
+        return sequence_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                                 temperature)
+    order = rollout.lengths.argsort()
+    pieces = []
+    for s in range(0, b, bucket):
+        rows = order[s:s + bucket]
+        width = max(1, int(rollout.lengths[rows].max()))
+        lp = sequence_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                               rollout.tokens[rows, :width], rollout.mask[rows, :width], temperature)
+        pieces.append(F.pad(lp, (0, n - width)))
+    return torch.cat(pieces)[order.argsort()]
+
+# %% [markdown]
+# And the slow, obvious reference: the same sampling without a cache, running the whole sequence again at every step.
+
+# %%
+#| export sampling
+@torch.no_grad()
+def generate_uncached(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                      temperature: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                      seed: int | None = 0) -> Rollout:
+    """The slow, obvious reference: the same sampling, but every step runs the whole sequence again (no KV cache).
+    Given the same seed it draws the same tokens as `generate` (top_p = 1), up to float rounding."""
+    device = next(model.parameters()).device
+    model.eval()
+    ids, valid = left_pad(prompts, pad_id, device)
+    b, width = ids.shape
+    n_new = min(max_new_tokens, context_limit(model, width + max_new_tokens) - width)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else seed)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    seq, seq_valid = ids, valid
+    toks, lps, masks = [], [], []
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for i in range(n_new):
+        logits = model(seq, positions=positions_of(seq_valid), attn_mask=padded_attention(seq_valid))[:, -1].float()
+        if temperature == 0:
+            nxt, lp = logits.argmax(-1), torch.zeros(b, device=device)
+        else:
+            logp = (logits / temperature).log_softmax(-1)
+            nxt = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
+            lp = logp.gather(-1, nxt[:, None])[:, 0]
+        live = ~done
+        toks.append(torch.where(live, nxt, torch.full_like(nxt, pad_id)))
+        lps.append(torch.where(live, lp, torch.zeros_like(lp)))
+        masks.append(live)
+        if len(stops):
+            done = done | (live & torch.isin(nxt, stops))
+        seq = torch.cat([seq, toks[-1][:, None]], dim=1)
+        seq_valid = torch.cat([seq_valid, torch.ones_like(live)[:, None]], dim=1)  # a pad after a stop is harmless
+        if bool(done.all()):
+            break
+    return Rollout(ids, valid, torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(masks, 1))
+
+# %% [markdown]
+# **Checks.** On a small random model of each family the course has so far (chapter 00's dense `Transformer` and chapter
+# 03's `MLATransformer`), with prompts of four lengths in one batch: (a) the engine's log-probabilities equal a
+# teacher-forced pass, (b) each padded row equals that row decoded alone with no padding at all, (c) the cached engine
+# draws the very same tokens as the uncached reference with the same seed.
+
+# %%
+def small_models(seed: int = 0) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    dense = Transformer(TransformerConfig(vocab_size=40, d_model=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=48,
+                                          init_std=0.3))
+    mla = MLATransformer(MLATransformerConfig(vocab_size=40, d_model=32, n_layer=2, n_head=4, kv_lora_rank=16,
+                                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=48,
+                                              init_std=0.3))
+    return {"Transformer": dense.eval(), "MLATransformer": mla.eval()}
+
+
+toy_prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 4], [1, 3, 3, 3], [1, 9, 8, 20, 21]]
+engine_errors = {}
+for name, m in small_models().items():
+    r = generate(m, toy_prompts, 24, temperature=0.8, stop_ids=[2], seed=1)
+    with torch.no_grad():
+        teacher = rollout_logprobs(m, r, temperature=0.8)
+    alone_err = 0.0
+    with torch.no_grad():
+        for i, p in enumerate(toy_prompts):  # each row alone: no padding, positions from 0, default causal mask
+            n = int(r.mask[i].sum())
+            lp = (m(torch.tensor([p + r.tokens[i, :n].tolist()]))[0] / 0.8).log_softmax(-1)[len(p) - 1:len(p) - 1 + n]
+            err = (lp.gather(-1, r.tokens[i, :n, None])[:, 0] - r.logprobs[i, :n]).abs().max()
+            alone_err = max(alone_err, float(err))
+    u = generate_uncached(m, toy_prompts, 24, temperature=0.8, stop_ids=[2], seed=1)
+    engine_errors[name] = {"teacher-forced": float((teacher - r.logprobs).abs().max()), "alone": alone_err,
+                           "same tokens as uncached": bool(torch.equal(u.tokens, r.tokens))}
+    print(f"{name:>15}: completion lengths {r.lengths.tolist()}; max |log p| error vs teacher-forced "
+          f"{engine_errors[name]['teacher-forced']:.1e}, vs each row alone {alone_err:.1e}; same tokens as the "
+          f"uncached reference: {engine_errors[name]['same tokens as uncached']}")
+
+# %% [markdown]
+# How much faster is the cache? On GRPO's own workload (32 prompts x 8 samples, 64 new tokens, the base model's shape),
+# a side-by-side run is in `benchmarks/rollout.py` (speeds are not asserted in chapters). Here we only count the work:
+# the uncached loop runs the whole sequence every step, so it processes about $P\cdot n + n^2/2$ token positions per
+# row against the engine's $P + n$.
+
+# %%
+P_avg, n_new = 14, 64
+work_ratio = (P_avg * n_new + n_new * (n_new + 1) / 2) / (P_avg + n_new)
+print(f"token positions processed per row, uncached / cached: {work_ratio:.1f}x (prompt {P_avg}, {n_new} new tokens)")
+
+# %% [markdown]
+# ## 2. Rewards: `dslib.rewards`
+#
+# DeepSeek-R1-Zero is trained with two rule-based rewards (R1, section 2.2.2): **accuracy** (is the final answer right,
+# checked by rules) and **format** (is the reasoning inside the think tags and the answer inside the answer tags). No
+# neural reward model, so nothing to hack but the rules. Two safety properties matter when a policy writes the input: the
+# answer is parsed with a regular expression and compared as an integer (never `eval`), and a reward never raises on any
+# string, because one exception would stop a training run. Weights: 1 for a correct answer and 0.1 for the format, the
+# pre-study's recipe.
+
+# %%
+#| export rewards
+"""Rule-based rewards on the arithmetic world: accuracy (the <answer> parsed safely and checked) and format (the think
+and answer tags), combined with weights; room for more parts (chapter 05)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from dslib.world import Problem, parse_answer
+
+# A completion of a prompt that ends at <think>: reasoning without tags, then "</think> <answer> N </answer>" and
+# nothing after it. DeepSeek-R1's format reward asks for the same two tag pairs (arXiv 2501.12948, section 2.2.2).
+_FORMAT_RE = re.compile(r"(?:(?!<think>|</think>|<answer>|</answer>).)*</think> <answer> [0-9]{1,12} </answer>",
+                        re.ASCII | re.DOTALL)
+
+
+def accuracy_reward(completion: object, problem: Problem) -> float:
+    """1.0 when the first <answer> of the completion equals the problem's answer, else 0.0. The answer is parsed with
+    a regular expression (dslib.world.parse_answer), never evaluated; any input, of any type, gives 0.0 or 1.0."""
+    try:
+        got = parse_answer(completion)
+        return 1.0 if got is not None and got == problem.answer else 0.0
+    except Exception:  # never raise: a reward is a number for every string
+        return 0.0
+
+
+def format_reward(completion: object, problem: Problem | None = None) -> float:
+    """1.0 when the completion is `reasoning</think> <answer> N </answer>` with no other tags (the prompt opened
+    <think>), else 0.0. Never raises."""
+    if not isinstance(completion, str):
+        return 0.0
+    try:
+        return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
+    except Exception:
+        return 0.0
+
+
+def reflects(completion: object) -> bool:
+    """Does the reasoning contain the reflection token " wait "? (The aha moment's marker in this world.)"""
+    return isinstance(completion, str) and " wait " in completion.split("</think>", 1)[0]
+
+
+def style_of(completion: object) -> str:
+    """"bare" (an empty think), "reflects" (" wait " in the think) or "steps" (other reasoning)."""
+    if not isinstance(completion, str) or completion.startswith("</think>"):
+        return "bare"
+    return "reflects" if reflects(completion) else "steps"
+
+# %%
+#| export rewards
+RewardPart = Callable[[object, Problem], float]
+
+
+@dataclass
+class Rewards:
+    """A weighted sum of rule-based reward parts: reward = sum_k weight_k * part_k(completion, problem).
+
+    By default DeepSeek-R1-Zero's two rules (arXiv 2501.12948, section 2.2.2) with the pre-study's weights: 1 for a
+    correct answer, 0.1 for the format. `parts` maps a name to (function, weight); add one (chapter 06 adds language
+    consistency) without touching the trainer."""
+
+    parts: dict[str, tuple[RewardPart, float]] = field(default_factory=lambda: {
+        "accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.1)})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parts, dict) or not self.parts:
+            raise ValueError(f"Rewards.parts={self.parts!r} is invalid: a non-empty dict name -> (fn, weight)")
+        for name, value in self.parts.items():
+            if not (isinstance(value, tuple) and len(value) == 2 and callable(value[0])
+                    and isinstance(value[1], (int, float))):
+                raise ValueError(f"Rewards.parts[{name!r}]={value!r} is invalid: a (function, weight) pair")
+
+    def score(self, completions: Sequence[str], problems: Sequence[Problem]) -> dict[str, list[float]]:
+        """Each part's value per completion, and "total", the weighted sum."""
+        if len(completions) != len(problems):
+            raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
+        out: dict[str, list[float]] = {}
+        total = [0.0] * len(completions)
+        for name, (fn, weight) in self.parts.items():
+            vals = []
+            for c, p in zip(completions, problems):
+                try:
+                    v = float(fn(c, p))
+                except Exception:  # a part that raises scores 0: rewards never stop training
+                    v = 0.0
+                vals.append(v)
+            out[name] = vals
+            total = [t + weight * v for t, v in zip(total, vals)]
+        out["total"] = total
+        return out
+
+# %% [markdown]
+# **Check** against the world's own documents: every style of worked solution is well formatted, and the accuracy
+# reward agrees with the document's own `correct` flag (slips leave wrong answers). A few hostile strings score 0
+# without raising; `tests/test_rewards.py` fuzzes many more with hypothesis.
+
+# %%
+import random as _random
+
+world = base_world()
+rng = _random.Random(0)
+docs = [world.document(world.sample_problem(rng), s, rng) for s in ("bare", "steps", "guess_verify", "slip_fix", "slip")
+        for _ in range(200)]
+reward_agree = all(accuracy_reward(d.completion, d.problem) == float(d.correct) and format_reward(d.completion) == 1.0
+                   for d in docs)
+hostile = ["</think> <answer> __import__('os').system('ls') </answer>", "<answer> 1e999 </answer>", "\x00" * 50,
+           "</think> <answer> 30 </answer></answer>", "<answer>" * 1000, ""]
+hostile_scores = Rewards().score(hostile, [docs[0].problem] * len(hostile))["total"]
+print(f"{len(docs)} documents: rewards agree with the world's grading: {reward_agree}; hostile strings score "
+      f"{hostile_scores}")
+
+# %% [markdown]
+# ## 3. The objective: `dslib.grpo`
+#
+# **Advantages.** For each group, $(r_i - \bar r)/\mathrm{std}$. Dr. GRPO (section 3.1) points out that dividing by the
+# group's std up-weights questions whose rewards barely differ (too easy or too hard) and offers the mean-only form,
+# `scale="none"`. A group whose rewards are all equal has $A = 0$ either way: it teaches nothing.
+
+# %%
+#| export
+"""Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300, section 4): group advantages, the clipped
+objective with the k3 KL estimator, the loss normalisations of GRPO, Dr. GRPO and DAPO, and a GRPO trainer (chapter 05)."""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dslib.rewards import Rewards, accuracy_reward, reflects, style_of
+from dslib.sampling import Rollout, generate, rollout_logprobs
+from dslib.world import Problem, prompt
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALES = ("group", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Outcome-supervised advantages (DeepSeekMath, section 4.1.2): rewards (n,) laid out as n / group_size groups of
+    consecutive completions of one prompt; A_i = (r_i - mean(group)) / (std(group) + eps).
+
+    scale "group": divide by the group's standard deviation (the unbiased estimate, n - 1 in the denominator, as
+    torch.std and common GRPO code compute it); "none": Dr. GRPO's mean-only form (arXiv 2503.20783, section 3.2),
+    which does not up-weight groups whose rewards barely differ. A group whose rewards are all equal gets A = 0."""
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} is invalid: one of {SCALES} is required")
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size={group_size!r} is invalid: an int >= 2 is required")
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    if r.dim() != 1 or r.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(r.shape)} do not split into groups of {group_size}")
+    g = r.view(-1, group_size)
+    centred = g - g.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (g.std(-1, keepdim=True) + eps)
+    # All-equal groups get exactly 0 (float rounding of the mean, divided by a tiny std, would leave noise).
+    equal = (g == g[:, :1]).all(-1, keepdim=True)
+    return torch.where(equal, torch.zeros_like(centred), centred).flatten()
+
+# %% [markdown]
+# **The KL estimator.** For tokens drawn from $\pi_\theta$, with $x = \pi_{ref}/\pi_\theta$: $k_1 = -\log x$ is unbiased
+# but often negative, $k_2 = (\log x)^2/2$ is never negative but biased, and $k_3 = x - \log x - 1$ is both unbiased
+# (since $\mathbb E[x] = 1$, $\mathbb E[k_3] = \mathbb E[k_1]$) and never negative ($x - 1 \ge \log x$).
+
+# %%
+#| export
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per sampled token (DeepSeekMath, eq. 4):
+    pi_ref/pi_theta - log(pi_ref/pi_theta) - 1. Unbiased for tokens drawn from pi_theta, and never negative
+    (x - log x - 1 >= 0)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+# %% [markdown]
+# **The loss.** The same per-token terms, averaged three ways. DeepSeekMath's $\frac1G\sum_i\frac1{|o_i|}\sum_t$
+# ("grpo") gives each *completion* the same weight, so a token of a long completion weighs less than a token of a short
+# one. Dr. GRPO (section 3.1) shows why that is a bias: for a wrong answer ($A<0$) a longer completion is penalised less
+# per token, so wrong answers drift longer; its fix divides the token sum by a constant, (completions x the maximum
+# length) ("dr_grpo"). DAPO (section 3.3) divides by the number of tokens in the batch ("dapo"), and raises the upper
+# clip (`epsilon_high`, "clip-higher") so that unlikely tokens can grow.
+
+# %%
+#| export
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, *, epsilon: float = 0.2, epsilon_high: float | None = None,
+              beta: float = 0.04, loss_type: str = "grpo", max_completion_length: int | None = None,
+              return_stats: bool = False):
+    """The negated GRPO objective (DeepSeekMath, eq. 3), to minimise.
+
+    Per token: ratio = pi_theta / pi_old = exp(logprobs - old_logprobs); the clipped surrogate
+    min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon_high) A) minus beta * k3(pi_theta, pi_ref). logprobs,
+    old_logprobs, ref_logprobs and mask are (b, N); advantages is (b,) (one per completion, shared by its tokens).
+    epsilon_high: DAPO's clip-higher (arXiv 2503.14476, section 3.1); None uses epsilon on both sides.
+
+    loss_type decides how token terms are averaged:
+    - "grpo": DeepSeekMath's 1/G sum_i 1/|o_i| sum_t: the token mean per completion, then the mean over completions;
+    - "dr_grpo": the token sum divided by (completions x max_completion_length) (Dr. GRPO, arXiv 2503.20783): every
+      token weighs the same, whatever the length of its completion (default max_completion_length: N);
+    - "dapo": the token sum divided by the number of tokens in the batch (DAPO's token-level loss, section 3.3).
+    With return_stats, also returns a dict: clip fraction, mean k3 KL, mean ratio."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is invalid: one of {LOSS_TYPES} is required")
+    if not epsilon >= 0 or (epsilon_high is not None and not epsilon_high >= 0):
+        raise ValueError(f"epsilon={epsilon!r} and epsilon_high={epsilon_high!r} must be non-negative")
+    if beta != 0 and ref_logprobs is None:
+        raise ValueError(f"beta={beta} needs ref_logprobs")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    m = mask.to(logprobs.dtype)
+    adv = advantages.to(logprobs.dtype)[:, None]
+    ratio = torch.exp(logprobs - old_logprobs)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * adv)
+    per_token = -surrogate
+    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
+    if beta != 0:
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        length = mask.shape[-1] if max_completion_length is None else max_completion_length
+        loss = (per_token * m).sum() / (mask.shape[0] * length)
+    else:
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        n = m.sum().clamp(min=1)
+        clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"clip_frac": float((clipped.to(m.dtype) * m).sum() / n), "kl": float((kl * m).sum() / n),
+                 "ratio": float((ratio * m).sum() / n)}
+    return loss, stats
+
+# %% [markdown]
+# **Check** against a slow, obvious loop over sequences and tokens, for each loss type, values and gradients (the
+# tests repeat this with clip-higher and more).
+
+# %%
+def loss_by_hand(lp, old, ref, adv, mask, eps, beta, loss_type, max_len):
+    seq_means, token_sum, n_tokens = [], 0.0, 0
+    for i in range(lp.shape[0]):
+        terms = []
+        for t in range(lp.shape[1]):
+            if mask[i, t]:
+                ratio = torch.exp(lp[i, t] - old[i, t])
+                obj = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps, 1 + eps) * adv[i])
+                kl = torch.exp(ref[i, t] - lp[i, t]) - (ref[i, t] - lp[i, t]) - 1
+                terms.append(-(obj - beta * kl))
+        seq_means.append(sum(terms) / len(terms))
+        token_sum, n_tokens = token_sum + sum(terms), n_tokens + len(terms)
+    return {"grpo": sum(seq_means) / len(seq_means), "dr_grpo": token_sum / (lp.shape[0] * max_len),
+            "dapo": token_sum / n_tokens}[loss_type]
+
+
+g = torch.Generator().manual_seed(0)
+lp0 = torch.randn(4, 6, generator=g) * 0.3 - 1
+old, ref = lp0 + torch.randn(4, 6, generator=g) * 0.3, lp0 + torch.randn(4, 6, generator=g) * 0.3
+adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+mask = torch.arange(6)[None] < torch.tensor([3, 6, 1, 5])[:, None]
+loss_errors = {}
+for loss_type in LOSS_TYPES:
+    a, b = lp0.clone().requires_grad_(True), lp0.clone().requires_grad_(True)
+    fast = grpo_loss(a, old, ref, adv, mask, epsilon=0.2, beta=0.04, loss_type=loss_type, max_completion_length=8)
+    slow = loss_by_hand(b, old, ref, adv, mask, 0.2, 0.04, loss_type, 8)
+    fast.backward()
+    slow.backward()
+    loss_errors[loss_type] = max(float((fast - slow).abs()), float((a.grad - b.grad).abs().max()))
+    print(f"{loss_type:>8}: loss {fast.item():+.5f} (by hand {slow.item():+.5f}); max gradient error "
+          f"{float((a.grad - b.grad).abs().max()):.1e}")
+
+# %% [markdown]
+# **The trainer.** Algorithm 1 of DeepSeekMath with the reward model replaced by rules (so there is no reward model to
+# retrain either): per step, sample problems, roll out $G$ completions each from the current policy (which is
+# $\pi_{\theta_{old}}$ for this batch), score, compute advantages, take $\mu$ gradient steps. The reference model is a
+# frozen copy of the start. Its docstring explains a puzzle you will see in the logs: the loss sits near zero while
+# the policy learns.
+
+# %%
+#| export
+@dataclass
+class GRPOConfig:
+    """GRPO hyperparameters. Defaults: the pre-study's recipe on the arithmetic world (32 prompts x G = 8, 64 new
+    tokens, Adam 2e-4, clip 0.2, one update per batch, beta 0); DeepSeekMath used G = 64, lr 1e-6, beta 0.04, mu = 1."""
+
+    steps: int = 40
+    prompts_per_step: int = 32
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    lr: float = 2e-4
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    mu: int = 1  # policy updates per batch of rollouts (DeepSeekMath's inner iterations)
+    loss_type: str = "grpo"
+    scale: str = "group"
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name, allowed):
+            raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "a positive int is required")
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            bad("group_size", "an int >= 2 is required (advantages compare completions within a group)")
+        if not self.temperature > 0:
+            bad("temperature", "a positive number is required (GRPO samples)")
+        if not self.lr > 0:
+            bad("lr", "a positive number is required")
+        if not self.epsilon >= 0:
+            bad("epsilon", "a non-negative number is required")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0:
+            bad("epsilon_high", "None or a non-negative number is required")
+        if not self.beta >= 0:
+            bad("beta", "a non-negative number is required")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"one of {LOSS_TYPES} is required")
+        if self.scale not in SCALES:
+            bad("scale", f"one of {SCALES} is required")
+        if not self.grad_clip >= 0:
+            bad("grad_clip", "a non-negative number is required")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad("seed", "a non-negative int is required")
+
+# %%
+#| export
+class GRPOTrainer:
+    """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model.
+
+    Each step draws `prompts_per_step` training problems, samples `group_size` completions of each from the current
+    policy (which is pi_old for this batch), scores them with the rule-based rewards, turns the rewards into group
+    advantages, and takes `mu` gradient steps on the clipped objective; a frozen copy of the starting model is the
+    reference pi_ref (for the KL term when beta > 0, and for logging the KL always).
+
+    Why the logged loss sits near zero while the policy learns: in the first update on a batch, pi_theta = pi_old,
+    so every ratio is 1 and the loss is -mean(A) (per completion for "grpo"), and group advantages have mean 0 in every
+    group. Its gradient is not zero: it is -mean_i A_i grad log pi(o_i), which raises the probability of
+    above-average completions and lowers that of the others. The loss's value says nothing about progress; the reward
+    does.
+
+    history (per step): reward and each reward part, accuracy, response length (tokens; all, right and wrong),
+    reflection rate, the share of groups whose rewards are all equal (they get A = 0 and give no gradient), k3 KL to
+    the reference, clip fraction, loss, gradient norm and seconds.
+    """
+
+    def __init__(self, model: torch.nn.Module, world, config: GRPOConfig | None = None, rewards: Rewards | None = None,
+                 ref_model: torch.nn.Module | None = None):
+        self.model, self.world = model, world
+        self.config = config or GRPOConfig()
+        self.rewards = rewards or Rewards()
+        self.ref = ref_model if ref_model is not None else copy.deepcopy(model)
+        self.ref.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
+        self.tokenizer = world.tokenizer
+        self.stop_id = self.tokenizer.id("</answer>")
+        self.step = 0
+        self.history: dict[str, list] = {}
+
+    def problems(self, step: int) -> list[Problem]:
+        """The training problems of a step: a pure function of (seed, step), never a held-out problem."""
+        rng = random.Random(f"grpo-{self.config.seed}-{step}")
+        return [self.world.sample_problem(rng) for _ in range(self.config.prompts_per_step)]
+
+    def rollout(self, problems: Sequence[Problem], seed: int) -> tuple[Rollout, list[str]]:
+        c = self.config
+        prompts = [self.tokenizer.encode(prompt(p), bos=True) for p in problems for _ in range(c.group_size)]
+        r = generate(self.model, prompts, c.max_new_tokens, temperature=c.temperature, stop_ids=[self.stop_id],
+                     pad_id=self.tokenizer.pad_id, seed=seed)
+        return r, r.texts(self.tokenizer)
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        t0 = time.time()
+        problems = self.problems(self.step)
+        roll, texts = self.rollout(problems, seed=c.seed * 1_000_003 + self.step)
+        expanded = [p for p in problems for _ in range(c.group_size)]
+        scores = self.rewards.score(texts, expanded)
+        rewards = torch.tensor(scores["total"], device=self.device)
+        adv = group_advantages(rewards, c.group_size, c.scale).to(self.device)
+        with torch.no_grad():
+            ref_lp = rollout_logprobs(self.ref, roll, c.temperature)
+        self.model.train()
+        for _ in range(c.mu):
+            lp = rollout_logprobs(self.model, roll, c.temperature)
+            loss, stats = grpo_loss(lp, roll.logprobs, ref_lp, adv, roll.mask, epsilon=c.epsilon,
+                                    epsilon_high=c.epsilon_high, beta=c.beta, loss_type=c.loss_type,
+                                    max_completion_length=c.max_new_tokens, return_stats=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       c.grad_clip if c.grad_clip > 0 else float("inf"))
+            self.optimizer.step()
+        self.model.eval()
+        lengths = roll.lengths.float()
+        right = torch.tensor(scores["accuracy"], device=self.device) > 0
+        groups = rewards.view(-1, c.group_size)
+        rec = {"step": self.step + 1, "reward": float(rewards.mean()),
+               **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
+               "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
+               "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
+               "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
+               "reflection": sum(reflects(t) for t in texts) / len(texts),
+               "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
+               "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": float(loss.detach()),
+               "grad_norm": float(grad_norm), "seconds": time.time() - t0}
+        for k, v in rec.items():
+            self.history.setdefault(k, []).append(v)
+        self.step += 1
+        return rec
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> dict[str, list]:
+        """Run `steps` more GRPO steps (default: up to config.steps). Returns the history."""
+        until = self.config.steps if steps is None else self.step + steps
+        bar = tqdm(total=until, initial=self.step, desc="GRPO", disable=not progress, leave=True)
+        try:
+            while self.step < until:
+                rec = self.train_step()
+                bar.update(1)
+                bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}",
+                                len=f"{rec['length']:.1f}")
+        finally:
+            bar.close()
+        return self.history
+
+# %% [markdown]
+# Finally an evaluation helper: accuracy, length, reflection rate and accuracy by style on the held-out problems, with
+# the batched engine (greedy or sampled).
+
+# %%
+#| export
+@torch.no_grad()
+def evaluate_policy(model: torch.nn.Module, world, problems: Sequence[Problem] | None = None,
+                    temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 64,
+                    batch_size: int = 400) -> dict:
+    """Accuracy, mean response length (tokens), reflection rate and accuracy by style on problems (default: the
+    world's held-out set), sampled at `temperature` (0: greedy) with the batched engine."""
+    problems = world.heldout if problems is None else list(problems)
+    tok = world.tokenizer
+    texts, lengths = [], []
+    for s in range(0, len(problems), batch_size):
+        chunk = problems[s:s + batch_size]
+        r = generate(model, [tok.encode(prompt(p), bos=True) for p in chunk], max_new_tokens,
+                     temperature=temperature, stop_ids=[tok.id("</answer>")], pad_id=tok.pad_id, seed=seed + s)
+        texts += r.texts(tok)
+        lengths += r.lengths.tolist()
+    right = [accuracy_reward(t, p) > 0 for t, p in zip(texts, problems)]
+    styles = [style_of(t) for t in texts]
+    by_style = {}
+    for st in ("bare", "steps", "reflects"):
+        idx = [i for i, x in enumerate(styles) if x == st]
+        by_style[st] = {"share": len(idx) / len(texts), "accuracy": sum(right[i] for i in idx) / max(1, len(idx))}
+    n = len(texts)
+    return {"accuracy": sum(right) / n, "length": sum(lengths) / n, "reflection": sum(reflects(t) for t in texts) / n,
+            "by_style": by_style, "texts": texts, "right": right}
+
+# %% [markdown]
+# ## 4. Experiment: k3 is an unbiased, never negative estimate of KL
+#
+# Random categorical distributions over 8 outcomes, policy $p$ and reference $q$ at growing distances. For each pair we
+# compute the exact $\mathrm{KL}(p\|q)$, and the three estimators on 4,000 samples from $p$.
+
+# %%
+def kl_estimators(n_pairs: int = 40, n_samples: int = 4000, seed: int = 0) -> dict[str, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for k in range(n_pairs):
+        spread = 0.2 + 2.0 * k / n_pairs
+        p = (torch.randn(8, generator=g) * spread).softmax(0)
+        q = (torch.randn(8, generator=g) * spread).softmax(0)
+        exact = float((p * (p / q).log()).sum())
+        x = torch.multinomial(p, n_samples, replacement=True, generator=g)
+        lp, lq = p.log()[x], q.log()[x]
+        k1 = lp - lq
+        k2 = 0.5 * (lq - lp) ** 2
+        k3 = k3_kl(lp, lq)
+        exp_k3 = float((p * k3_kl(p.log(), q.log())).sum())  # exact expectation of k3 under p
+        rows.append((exact, float(k1.mean()), float(k2.mean()), float(k3.mean()), exp_k3,
+                     float((k1 < 0).float().mean()), float(k3.min()), float(k1.std()), float(k3.std())))
+    cols = ("exact", "k1", "k2", "k3", "E_k3", "k1_negative", "k3_min", "k1_std", "k3_std")
+    return {c: np.array(v) for c, v in zip(cols, zip(*rows))}
+
+
+kl = kl_estimators()
+k3_bias = float(np.abs(kl["E_k3"] - kl["exact"]).max())
+k2_bias = float(np.mean(kl["k2"] - kl["exact"]))
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+lim = kl["exact"].max() * 1.1
+for name, marker in (("k1", "x"), ("k2", "^"), ("k3", "o")):
+    axes[0].scatter(kl["exact"], kl[name], s=14, marker=marker, label=name)
+axes[0].plot([0, lim], [0, lim], color="gray", lw=0.8)
+axes[0].set_xlabel("exact KL(p || q)")
+axes[0].set_ylabel("estimate (mean of 4,000 samples)")
+axes[0].legend()
+axes[0].set_title("k1 and k3 are unbiased; k2 is not")
+axes[1].scatter(kl["exact"], kl["k1_negative"], s=14, label="share of k1 samples < 0")
+axes[1].scatter(kl["exact"], kl["k3_min"], s=14, label="smallest k3 sample")
+axes[1].set_xlabel("exact KL(p || q)")
+axes[1].legend()
+axes[1].set_title("single-sample values: k3 is never negative")
+plt.tight_layout()
+plt.show()
+print(f"max |E[k3] - KL| over {len(kl['exact'])} pairs: {k3_bias:.1e}; k2's mean bias {k2_bias:+.3f}; k3 samples "
+      f">= 0: {bool((kl['k3_min'] >= 0).all())}; k1 samples negative in up to {kl['k1_negative'].max():.0%}; "
+      f"std of k3 / std of k1 (mean): {np.mean(kl['k3_std'] / kl['k1_std']):.2f}")
+
+# %% [markdown]
+# ## 5. Experiment: the unified view (DeepSeekMath, section 5.2.1)
+#
+# The paper writes the gradient of every method it compares as one sum,
+#
+# $$\nabla_\theta\mathcal J = \mathbb E_{(q,o)\sim\mathcal D}\Big[\frac{1}{|o|}\sum_t GC_{\mathcal A}(q, o, t,
+# \pi_{rf})\,\nabla_\theta\log\pi_\theta(o_t\mid q, o_{<t})\Big],$$
+#
+# so methods differ in three things only: the **data source** $\mathcal D$ (fixed human data, samples of the SFT model,
+# samples of the current policy), the **reward function** $\pi_{rf}$ (none, a rule, a reward model) and the **gradient
+# coefficient** $GC$:
+#
+# | method | data | gradient coefficient |
+# |---|---|---|
+# | SFT | human demonstrations | 1 |
+# | RFT | samples of the SFT model | 1 if correct, else 0 |
+# | online RFT | samples of the policy | 1 if correct, else 0 |
+# | DPO | pairs sampled from the SFT model | $\sigma(\beta\log\frac{\pi(o^-)}{\pi_{ref}(o^-)} - \beta\log\frac{\pi(o^+)}{\pi_{ref}(o^+)})$, $\pm$ |
+# | PPO | samples of the policy | $A_t$ (from a critic) |
+# | GRPO | samples of the policy | $\hat A_{i,t} + \beta(\frac{\pi_{ref}}{\pi_\theta} - 1)$ |
+#
+# A toy problem makes them concrete: one question, a policy over 6 one-token answers (2 of them correct), a policy
+# that has already drifted from its reference. For each method we compute the **expected** gradient coefficient each
+# answer receives (data probability x coefficient) and the first-order change of $P(\text{correct})$ after a unit
+# step along the expected gradient of the logits. For GRPO we do not use the formula: we sample groups, run
+# `grpo_loss` and read the gradient off autograd, and check it against the formula.
+
+# %%
+K, correct = 6, torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.bool)
+logits_ref = torch.tensor([1.0, 0.2, 0.8, 0.0, -0.5, 0.4])
+logits_pi = logits_ref + torch.tensor([0.3, 0.4, -0.2, 0.1, 0.0, -0.3])
+pi, pi_ref = logits_pi.softmax(0), logits_ref.softmax(0)
+r = correct.float()
+BETA_TOY = 0.04
+
+
+def expected_coefficients() -> dict[str, torch.Tensor]:
+    """Expected gradient coefficient on each answer: sum over the data of P(data) x GC."""
+    coef = {}
+    human = torch.zeros(K)
+    human[1] = 1.0  # a human writes answer 1, a correct one
+    coef["SFT"] = human
+    coef["RFT"] = pi_ref * r  # samples of the SFT (reference) model, kept when correct
+    coef["online RFT"] = pi * r
+    # DPO: pairs (o+, o-) drawn from the reference model, one correct and one wrong.
+    dpo = torch.zeros(K)
+    lr_ratio = (pi / pi_ref).log()
+    for i in range(K):
+        for j in range(K):
+            if correct[i] and not correct[j]:
+                w = pi_ref[i] * pi_ref[j]
+                s = torch.sigmoid(0.1 * lr_ratio[j] - 0.1 * lr_ratio[i])
+                dpo[i] += w * s
+                dpo[j] -= w * s
+    coef["DPO"] = dpo
+    value = (pi * r).sum()  # a perfect critic: V(q) = E_pi[r]
+    coef["PPO (ideal critic)"] = pi * (r - value)
+    return coef
+
+
+coefs = expected_coefficients()
+
+# GRPO from autograd: G samples per group, many groups, the loss's gradient on each sampled token's log-prob.
+G_TOY, N_GROUPS = 8, 4000
+gen = torch.Generator().manual_seed(0)
+samples = torch.multinomial(pi, G_TOY * N_GROUPS, replacement=True, generator=gen)
+lp = pi.log()[samples].clone().requires_grad_(True)
+adv_toy = group_advantages(r[samples], G_TOY)
+loss = grpo_loss(lp[:, None], lp.detach()[:, None], pi_ref.log()[samples][:, None], adv_toy,
+                 torch.ones(len(samples), 1, dtype=torch.bool), beta=BETA_TOY)
+(grad_lp,) = torch.autograd.grad(loss, lp)
+gc_autograd = -grad_lp * len(samples)  # one token per output, mean over outputs: GC = -N dL/dlogp
+gc_formula = adv_toy + BETA_TOY * (pi_ref[samples] / pi[samples] - 1)
+gc_error = float((gc_autograd - gc_formula).abs().max())
+grpo_coef = torch.zeros(K).index_add_(0, samples, gc_autograd) / len(samples)
+coefs["GRPO"] = grpo_coef
+
+
+def p_correct_change(c: torch.Tensor) -> float:
+    """d P(correct) along the logit gradient sum_o c_o (e_o - pi) (the gradient of log-softmax)."""
+    g_logits = c - pi * c.sum()
+    jac = torch.diag(pi) - pi[:, None] * pi[None, :]  # d pi / d logits
+    return float((jac @ g_logits)[correct].sum())
+
+
+fig, ax = plt.subplots(figsize=(10, 3.4))
+width = 0.13
+for k, (name, c) in enumerate(coefs.items()):
+    ax.bar(np.arange(K) + (k - 2.5) * width, c.numpy(), width, label=f"{name}: dP(correct) {p_correct_change(c):+.3f}")
+ax.axhline(0, color="gray", lw=0.6)
+ax.set_xticks(range(K), [f"answer {i}\n{'correct' if correct[i] else 'wrong'}\npi={pi[i]:.2f}" for i in range(K)])
+ax.set_ylabel("expected gradient coefficient")
+ax.set_title("One toy question, six methods: who pushes which answer up or down")
+ax.legend(fontsize=7, ncol=2)
+plt.tight_layout()
+plt.show()
+print(f"GRPO coefficient from autograd vs the paper's formula A + beta (pi_ref/pi - 1): max error {gc_error:.1e}")
+print(f"GRPO's expected coefficients vs an ideal critic's (r - E[r]): correlation "
+      f"{float(np.corrcoef(coefs['GRPO'].numpy(), coefs['PPO (ideal critic)'].numpy())[0, 1]):.3f}")
+
+# %% [markdown]
+# What the picture says. SFT and RFT only ever push up (positive coefficients); online RFT too, but on the policy's
+# own samples. DPO, PPO and GRPO also push **down** on wrong answers. GRPO's group mean is a sampled stand-in for the
+# critic's baseline $\mathbb E_\pi[r]$: its expected coefficients line up with those of PPO with a perfect critic,
+# without training one (the std scaling only changes their size per question, and $\beta$ adds a pull toward the
+# reference).
+
+# %% [markdown]
+# ## 6. Experiment: GRPO on the course's base model
+#
+# The base model is pretrained by chapter 00's recipe, longer (width 96, 4 layers, 2,400 steps of 20 packed rows,
+# about 4M tokens, loss on the responses only); `dslib.pretrained.base_model()` builds it once (a few minutes on two
+# cores) and loads it from the local cache afterwards. Chapter 06 starts from the same model.
+#
+# Before RL, as the pre-study advises, we measure what the base model can do, greedy and sampled, and **by style**:
+# RL can only amplify a route that already works.
+
+# %%
+policy = base_model(seed=0, device=device)
+info = base_model_info(0)
+print(f"base model: {policy.num_params():,} parameters, held-out loss {info.get('heldout_loss', float('nan')):.3f}, "
+      f"built in {info.get('build_seconds', float('nan')):.0f} s on first use")
+t0 = time.time()
+base_greedy = evaluate_policy(policy, world, temperature=0.0)
+base_sampled = evaluate_policy(policy, world, temperature=1.0, seed=0)
+print(f"held-out accuracy: greedy {base_greedy['accuracy']:.1%}, sampled (T=1) {base_sampled['accuracy']:.1%}; "
+      f"sampled mean length {base_sampled['length']:.1f} tokens, reflection rate {base_sampled['reflection']:.1%} "
+      f"({time.time() - t0:.1f} s)")
+for s, v in base_sampled["by_style"].items():
+    print(f"  sampled, {s:>8}: {v['share']:5.1%} of completions, accuracy {v['accuracy']:.1%}")
+print("greedy styles:", {s: f"{v['share']:.0%}" for s, v in base_greedy["by_style"].items()})
+
+# %% [markdown]
+# Greedy decoding is almost always "bare" (the corpus's most common style), and bare answers are mostly wrong; among
+# sampled completions, the ones that guess, say " wait " and recompute are by far the most reliable. That is the
+# route GRPO can find.
+#
+# Now GRPO with the pre-study's recipe: 32 problems x G = 8 completions per step, at most 64 new tokens, reward 1 for
+# a correct answer + 0.1 for the format, group-std advantages, clip 0.2, one update per batch, Adam at 2e-4,
+# $\beta = 0$ (the KL to the reference is still logged). Training problems are drawn fresh each step and never from the
+# held-out set.
+
+# %%
+RL = dslib.sized(small=dict(steps=24), full=dict(steps=200))
+grpo_model = copy.deepcopy(policy)
+trainer = GRPOTrainer(grpo_model, world, GRPOConfig(steps=RL["steps"], loss_type="grpo", seed=0))
+t0 = time.time()
+hist = trainer.fit()
+grpo_seconds = time.time() - t0
+after = evaluate_policy(grpo_model, world, temperature=1.0, seed=0)
+after_greedy = evaluate_policy(grpo_model, world, temperature=0.0)
+print(f"{RL['steps']} GRPO steps in {grpo_seconds:.0f} s ({grpo_seconds / RL['steps']:.2f} s per step)")
+print(f"held-out accuracy (T=1): {base_sampled['accuracy']:.1%} -> {after['accuracy']:.1%}; greedy "
+      f"{base_greedy['accuracy']:.1%} -> {after_greedy['accuracy']:.1%}; length {base_sampled['length']:.1f} -> "
+      f"{after['length']:.1f} tokens; reflection {base_sampled['reflection']:.1%} -> {after['reflection']:.1%}")
+
+# %%
+def smooth(x, k=5):
+    x = np.asarray(x, dtype=float)
+    return np.convolve(x, np.ones(k) / k, mode="valid"), np.arange(k, len(x) + 1)
+
+
+fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+panels = [("reward", "reward (training batch)"), ("accuracy", "accuracy (training batch)"),
+          ("length", "response length (tokens)"), ("reflection", "share with ' wait '"),
+          ("all_equal", "groups with all-equal rewards"), ("loss", "loss (orange), k3 KL to the reference (green)")]
+for ax, (key, title) in zip(axes.flat, panels):
+    ax.plot(hist["step"], hist[key], lw=0.8, alpha=0.5)
+    y, x = smooth(hist[key])
+    ax.plot(x, y, lw=2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("GRPO step")
+axes.flat[5].plot(hist["step"], hist["kl"], lw=1, label="k3 KL to reference")
+axes.flat[5].legend(fontsize=8)
+plt.suptitle("GRPO on the base model (32 prompts x G = 8 per step)")
+plt.tight_layout()
+plt.show()
+first, last = np.mean(hist["reward"][:5]), np.mean(hist["reward"][-5:])
+print(f"training reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}; loss: mean |loss| "
+      f"{np.mean(np.abs(hist['loss'])):.4f}, while the gradient norm averages {np.mean(hist['grad_norm']):.3f}; clip "
+      f"fraction max {max(hist['clip_frac']):.3f}; KL to reference {hist['kl'][-1]:.3f} at the end")
+
+# %% [markdown]
+# Read the curves together. The reward rises within a minute, and so do length and the share of " wait ": the
+# policy moves toward the guess-wait-recompute route that the base model already executes reliably (chapter 06 runs
+# this longer and looks at it as R1-Zero's "aha moment"). The **loss stays near zero** the whole time: with one update
+# per batch, $\pi_\theta = \pi_{\theta_{old}}$ when the gradient is taken, every ratio is 1, and the loss is minus the
+# mean advantage, which group normalisation makes (almost) zero. Its gradient,
+# $-\frac1G\sum_i \hat A_i\nabla\log\pi(o_i)$, is not zero. For the same reason the **clip never activates** with
+# $\mu = 1$. And the share of groups with all-equal rewards grows as the policy gets better: those groups give no
+# gradient (section 8).
+
+# %% [markdown]
+# ## 7. Experiment: Dr. GRPO's length bias
+#
+# The same run with `loss_type="dr_grpo"` (the token sum divided by a constant), same seed, same problems. Dr. GRPO
+# predicts that under "grpo" **wrong** answers get longer (a long wrong answer is penalised less per token), while
+# "dr_grpo" removes that pull. (Its logged loss is not near zero: dividing by a constant weighs each completion's
+# advantage by its length, so the loss is minus the covariance of advantage and length over the maximum length.
+# Adam makes the overall scale of the gradient irrelevant, so the learning rate needs no change.)
+
+# %%
+dr_model = copy.deepcopy(policy)
+dr_trainer = GRPOTrainer(dr_model, world, GRPOConfig(steps=RL["steps"], loss_type="dr_grpo", seed=0))
+dr_hist = dr_trainer.fit()
+dr_after = evaluate_policy(dr_model, world, temperature=1.0, seed=0)
+
+
+def wrong_length(ev: dict) -> float:
+    lengths = [len(world.tokenizer.encode(t)) for t, ok in zip(ev["texts"], ev["right"]) if not ok]
+    return float(np.mean(lengths)) if lengths else float("nan")
+
+
+wrong_len = {"base": wrong_length(base_sampled), "grpo": wrong_length(after), "dr_grpo": wrong_length(dr_after)}
+right_len = {k: float(np.mean([len(world.tokenizer.encode(t)) for t, ok in zip(ev["texts"], ev["right"]) if ok]))
+             for k, ev in (("base", base_sampled), ("grpo", after), ("dr_grpo", dr_after))}
+late = slice(-10, None)
+train_wrong = {"grpo": float(np.nanmean(hist["length_wrong"][late])),
+               "dr_grpo": float(np.nanmean(dr_hist["length_wrong"][late]))}
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+for name, h in (("grpo", hist), ("dr_grpo", dr_hist)):
+    y, x = smooth(h["length_wrong"])
+    axes[0].plot(x, y, label=f"{name}: wrong answers")
+    y, x = smooth(h["length_right"])
+    axes[0].plot(x, y, ls="--", label=f"{name}: right answers")
+    y, x = smooth(h["accuracy"])
+    axes[1].plot(x, y, label=name)
+axes[0].set_title("response length (tokens, training batch)")
+axes[1].set_title("accuracy (training batch)")
+for ax in axes:
+    ax.set_xlabel("GRPO step")
+    ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+print(f"held-out (T=1) accuracy: grpo {after['accuracy']:.1%}, dr_grpo {dr_after['accuracy']:.1%}")
+print("held-out length of wrong answers (tokens): " + ", ".join(f"{k} {v:.1f}" for k, v in wrong_len.items())
+      + "; of right answers: " + ", ".join(f"{k} {v:.1f}" for k, v in right_len.items()))
+print("training batches, last 10 steps, wrong answers: " + ", ".join(f"{k} {v:.1f}" for k, v in train_wrong.items()))
+
+# %% [markdown]
+# The mechanism, isolated from training noise: the weight that one token of a wrong answer ($A = -1$) gets in the
+# gradient, as a function of its completion's length, from autograd on `grpo_loss`.
+
+# %%
+lengths_axis = np.arange(1, 65)
+token_weight = {}
+for loss_type in ("grpo", "dr_grpo"):
+    m = torch.arange(64)[None] < torch.tensor(lengths_axis)[:, None]
+    lp_w = torch.zeros(len(lengths_axis), 64, requires_grad=True)
+    l_w = grpo_loss(lp_w, lp_w.detach(), None, -torch.ones(len(lengths_axis)), m, beta=0.0, loss_type=loss_type,
+                    max_completion_length=64)
+    (gw,) = torch.autograd.grad(l_w, lp_w)
+    token_weight[loss_type] = (gw[:, 0] * len(lengths_axis)).numpy()  # push-down on each token, per completion
+fig, ax = plt.subplots(figsize=(6, 3))
+for k, v in token_weight.items():
+    ax.plot(lengths_axis, v, label=k)
+ax.set_xlabel("length of the wrong completion (tokens)")
+ax.set_ylabel("gradient on each token's log p")
+ax.set_yscale("log")
+ax.legend()
+ax.set_title("per-token penalty of a wrong answer")
+plt.tight_layout()
+plt.show()
+bias_ratio = float(token_weight["grpo"][7] / token_weight["grpo"][55])
+print(f"under grpo a token of an 8-token wrong answer is pushed down {bias_ratio:.0f}x harder than one of a 56-token "
+      f"wrong answer; under dr_grpo the ratio is {token_weight['dr_grpo'][7] / token_weight['dr_grpo'][55]:.0f}x")
+
+# %% [markdown]
+# ## 8. Groups whose rewards are all equal give no gradient
+#
+# If all $G$ completions of a question score the same (all right, or all wrong), every advantage in the group is 0,
+# and so is the group's gradient, whatever the loss type. Measured on one real batch: the gradient of the loss of the
+# all-equal groups alone, and of the whole batch with those groups removed, against the whole batch.
+
+# %%
+probe = GRPOTrainer(copy.deepcopy(grpo_model), world, GRPOConfig(seed=1))
+probs = probe.problems(0)
+roll, texts = probe.rollout(probs, seed=123)
+rw = torch.tensor(probe.rewards.score(texts, [p for p in probs for _ in range(8)])["total"])
+adv_b = group_advantages(rw, 8)
+equal = (rw.view(-1, 8).max(-1).values == rw.view(-1, 8).min(-1).values).repeat_interleave(8)
+
+
+def grad_of(rows: torch.Tensor) -> torch.Tensor:
+    probe.model.zero_grad()
+    lp_b = rollout_logprobs(probe.model, roll)
+    m = roll.mask & rows[:, None]
+    grpo_loss(lp_b, roll.logprobs, None, adv_b, m, beta=0.0, loss_type="dapo").backward()
+    return torch.cat([p.grad.flatten() for p in probe.model.parameters()])
+
+
+g_all, g_equal, g_rest = grad_of(torch.ones_like(equal)), grad_of(equal), grad_of(~equal)
+n_tok = roll.mask.sum()
+g_rest_scaled = g_rest * roll.mask[~equal].sum() / n_tok  # dapo divides by the tokens of the rows kept
+equal_grad_norm = float(g_equal.norm())
+rest_error = float((g_all - g_rest_scaled).norm() / g_all.norm())
+print(f"{int(equal.sum()) // 8} of {len(probs)} groups have all-equal rewards; the gradient of their loss has norm "
+      f"{equal_grad_norm:.1e}; the batch's gradient without them differs from the full one by {rest_error:.1e} "
+      f"(relative)")
+all_equal_start, all_equal_end = np.mean(hist["all_equal"][:5]), np.mean(hist["all_equal"][-5:])
+print(f"share of all-equal groups during the GRPO run: first 5 steps {all_equal_start:.0%}, last 5 steps "
+      f"{all_equal_end:.0%}")
+
+# %% [markdown]
+# Half a batch can be idle: rollouts were paid for, and nothing is learnt from them. DAPO's **dynamic sampling**
+# (section 3.2) over-samples and keeps only groups with mixed rewards; exercise 3 asks you to add it.
+#
+# ## 9. No critic: the memory it saves
+#
+# PPO trains a value model next to the policy, usually initialised from the reward model and as large as the policy;
+# GRPO does not. We count the training state of both on our model, in float32 with Adam (weights, gradients and two
+# moments for each trained model; weights only for frozen ones), by building the models and counting their tensors.
+# The critic is the same transformer with a one-number head.
+
+# %%
+def trained_bytes(m: torch.nn.Module) -> int:
+    n = sum(p.numel() * p.element_size() for p in m.parameters())
+    return 4 * n  # weights, gradients, Adam's two moments
+
+
+def frozen_bytes(m: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+critic = copy.deepcopy(policy)
+critic.lm_head = torch.nn.Linear(policy.config.d_model, 1, bias=False)  # the value head
+memory = {
+    "GRPO": trained_bytes(policy) + frozen_bytes(trainer.ref),  # policy + frozen reference (rule rewards: no RM)
+    "PPO": trained_bytes(policy) + trained_bytes(critic) + frozen_bytes(trainer.ref),  # + the trained critic
+}
+memory_ratio = memory["GRPO"] / memory["PPO"]
+print(f"training state: GRPO {memory['GRPO'] / 1e6:.2f} MB, PPO {memory['PPO'] / 1e6:.2f} MB: GRPO needs "
+      f"{memory_ratio:.0%} of PPO's ({critic.num_params():,} critic parameters vs {policy.num_params():,} policy)")
+
+# %% [markdown]
+# ## 10. Explorer: advantages and the clipped objective
+#
+# Type the $G$ rewards of a group: the advantages under each scaling. The sliders set $\varepsilon$ (and DAPO's upper
+# $\varepsilon_{high}$) and $\beta$: the per-token objective as a function of the ratio $\pi_\theta/\pi_{old}$ for a
+# positive and a negative advantage, with the k3 penalty when $\pi_{ref} = \pi_{old}$.
+
+# %%
+def show_objective(rewards="1, 0, 0, 1, 0, 0, 0, 0", epsilon=0.2, epsilon_high=0.2, beta=0.04):
+    try:
+        rs = torch.tensor([float(x) for x in rewards.replace(";", ",").split(",") if x.strip()])
+    except ValueError:
+        print("type numbers separated by commas")
+        return
+    if len(rs) < 2:
+        print("a group needs at least 2 rewards")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    a_group, a_none = group_advantages(rs, len(rs)), group_advantages(rs, len(rs), scale="none")
+    x = np.arange(len(rs))
+    axes[0].bar(x - 0.2, a_group.numpy(), 0.4, label="group std (GRPO)")
+    axes[0].bar(x + 0.2, a_none.numpy(), 0.4, label="mean only (Dr. GRPO)")
+    axes[0].set_xticks(x, [f"{v:g}" for v in rs.tolist()])
+    axes[0].set_xlabel("reward of each completion")
+    axes[0].set_title("advantages")
+    axes[0].legend(fontsize=8)
+    ratio = torch.linspace(0.2, 2.0, 200)
+    lp_r = ratio.log()
+    for a in (1.0, -1.0):
+        surrogate = torch.minimum(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon_high) * a)
+        objective = surrogate - beta * k3_kl(lp_r, torch.zeros(200))
+        axes[1].plot(ratio, objective, label=f"A = {a:+.0f}")
+    axes[1].axvline(1, color="gray", lw=0.6)
+    axes[1].set_xlabel("ratio pi_theta / pi_old")
+    axes[1].set_title(f"per-token objective (eps {epsilon}, eps_high {epsilon_high}, beta {beta})")
+    axes[1].legend(fontsize=8)
+    plt.tight_layout()
+    plt.show()
+
+
+explore(show_objective, rewards="1, 0, 0, 1, 0, 0, 0, 0", epsilon=(0.05, 0.5, 0.05), epsilon_high=(0.05, 0.5, 0.05),
+        beta=(0.0, 0.5, 0.02))
+
+# %% [markdown]
+# ## 11. Claims ledger
+#
+# What the papers claim next to what this chapter measured.
+
+# %%
+length_bias_holds = bool(wrong_len["grpo"] > wrong_len["dr_grpo"] and train_wrong["grpo"] > train_wrong["dr_grpo"])
+ledger = Ledger("05")
+ledger.add("GRPO needs no value model: it saves the critic's memory and compute",
+           "'obviates the need for additional value function approximation ... significantly reducing training "
+           "resources' (DeepSeekMath, section 4.1)",
+           f"training state (float32, Adam) {memory['GRPO'] / 1e6:.2f} MB vs PPO's {memory['PPO'] / 1e6:.2f} MB "
+           f"({memory_ratio:.0%}), counted from the models' tensors", memory_ratio < 0.6)
+ledger.add("The group mean is a baseline like a critic's value",
+           "the group's average reward replaces the value function as the baseline (section 4.1.1)",
+           f"toy problem: GRPO's expected gradient coefficients correlate "
+           f"{float(np.corrcoef(coefs['GRPO'].numpy(), coefs['PPO (ideal critic)'].numpy())[0, 1]):.3f} with a "
+           f"perfect critic's", None, "a toy with one-token answers; shows the principle, not a quality comparison")
+ledger.add("k3 is an unbiased, never negative KL estimator", "eq. 4 'guaranteed to be positive', unbiased",
+           f"max |E[k3] - KL| {k3_bias:.0e} on 40 pairs; no negative sample; k1 negative in up to "
+           f"{kl['k1_negative'].max():.0%} of samples", bool(k3_bias < 1e-5 and (kl["k3_min"] >= 0).all()))
+ledger.add("GRPO raises the reward of outcome-supervised RL",
+           "GSM8K 82.9% -> 88.2%, MATH 46.8% -> 51.7% (DeepSeekMath-Instruct -> RL, Table 5)",
+           f"held-out accuracy (T=1) {base_sampled['accuracy']:.1%} -> {after['accuracy']:.1%} in {RL['steps']} steps "
+           f"({grpo_seconds:.0f} s); training reward {first:.2f} -> {last:.2f}",
+           bool(after["accuracy"] > base_sampled["accuracy"] + 0.1),
+           "a 0.46M-parameter model on synthetic arithmetic, not the paper's benchmarks")
+ledger.add("GRPO's per-sequence normalisation lengthens wrong answers; dr_grpo removes the bias",
+           "response length of incorrect answers keeps growing under GRPO, not under Dr. GRPO (Dr. GRPO, Figure 5)",
+           f"wrong answers, held-out: grpo {wrong_len['grpo']:.1f} vs dr_grpo {wrong_len['dr_grpo']:.1f} tokens "
+           f"(base {wrong_len['base']:.1f}); training batches: {train_wrong['grpo']:.1f} vs "
+           f"{train_wrong['dr_grpo']:.1f}; per-token push-down of a wrong answer {bias_ratio:.0f}x weaker at 56 "
+           f"tokens than at 8 under grpo, equal under dr_grpo", length_bias_holds,
+           "wrong answers lengthen under both (the shift to the longer reflective style); the claim is about the "
+           "difference" + ("" if length_bias_holds else f": not reproduced in {RL['steps']} short steps, where the "
+           "choice of style dominates lengths; the mechanism (the per-token weights) is there"))
+ledger.add("Groups with all-equal rewards give no gradient",
+           "zero advantage -> no gradient; their share grows as accuracy rises (DAPO, section 3.2)",
+           f"gradient norm of the all-equal groups' loss {equal_grad_norm:.0e}; their share {all_equal_start:.0%} -> "
+           f"{all_equal_end:.0%} over the run", bool(equal_grad_norm < 1e-6 and all_equal_end > all_equal_start))
+ledger.show()
+saved_to = ledger.save()  # _build/ledger/05.json: `python -m dslib.book ledger` prints every chapter's rows
+
+# %% [markdown]
+# ## What this chapter measured
+#
+# GRPO is PPO with the critic replaced by the group: sample $G$ answers, score them by rules, and push each answer's
+# tokens up or down by how much better it did than its siblings. On the course's base model that moves the policy,
+# within a minute on one CPU thread, from its habitual bare guesses to the "guess, wait, recompute" route that it already
+# executed well; the reward, the length and the reflection rate rise together. The logged loss says nothing (it is
+# zero by construction), the clip never acts with one update per batch, and the groups that all agree are wasted
+# rollouts, more of them as the policy improves. The figures, as measured in this run:
+
+# %%
+closing = {
+    "engine: max |log p - teacher-forced|": f"{max(e['teacher-forced'] for e in engine_errors.values()):.1e}",
+    "base model accuracy, greedy / sampled": f"{base_greedy['accuracy']:.1%} / {base_sampled['accuracy']:.1%}",
+    "base model accuracy of bare / steps / reflects (sampled)":
+        " / ".join(f"{base_sampled['by_style'][s]['accuracy']:.0%}" for s in ("bare", "steps", "reflects")),
+    f"after {RL['steps']} GRPO steps, accuracy greedy / sampled":
+        f"{after_greedy['accuracy']:.1%} / {after['accuracy']:.1%}",
+    "length (tokens) and reflection, base -> GRPO": f"{base_sampled['length']:.1f} -> {after['length']:.1f}, "
+                                                    f"{base_sampled['reflection']:.0%} -> {after['reflection']:.0%}",
+    "seconds per GRPO step (32 x 8 rollouts)": f"{grpo_seconds / RL['steps']:.2f}",
+    "wrong-answer length, grpo vs dr_grpo (held-out)": f"{wrong_len['grpo']:.1f} vs {wrong_len['dr_grpo']:.1f}",
+    "all-equal groups, first -> last 5 steps": f"{all_equal_start:.0%} -> {all_equal_end:.0%}",
+    "training state, GRPO / PPO": f"{memory_ratio:.0%}",
+}
+for k, v in closing.items():
+    print(f"{k:<58} {v}")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **More updates per batch.** Set `mu=4` (DeepSeekMath's iterative setting). Now the ratio moves away from 1: log
+#    the clip fraction and the loss. Does the reward rise faster per rollout? Per second?
+# 2. **The KL anchor.** Rerun section 6 with `beta=0.04` and `beta=0.2`. Plot the k3 KL and the held-out accuracy.
+#    What does the pre-study's "beta = 0.02 changed nothing" mean in terms of the KL you measure?
+# 3. **Dynamic sampling.** Add DAPO's dynamic sampling to `GRPOTrainer`: sample more problems than needed, drop the
+#    groups with all-equal rewards, and fill the batch with the others. Compare the reward per second.
+# 4. **Mean-only advantages.** Train with `scale="none"`. Which groups lose weight compared with the std-scaled form?
+#    (Hint: look at groups with one correct answer out of eight.)
+# 5. **A reward hack.** Add a reward part that pays 0.5 for any completion containing " wait ". Train, and measure
+#    accuracy and the share of " wait ". What does this say about rewards written as rules?
+#
+# ## Checks
+#
+# The chapter's key measurements, asserted (this is what the test suite checks).
+
+# %%
+for name, e in engine_errors.items():
+    assert e["teacher-forced"] < 1e-4 and e["alone"] < 1e-4 and e["same tokens as uncached"], (name, e)
+assert reward_agree and all(s == 0.0 for s in hostile_scores[:3])
+assert max(loss_errors.values()) < 1e-5, loss_errors
+assert k3_bias < 1e-5 and (kl["k3_min"] >= 0).all() and (kl["k1_negative"] > 0.05).any() and k2_bias > 0
+assert gc_error < 1e-5
+# The reward rises within the budget (the pre-study: 0.26 -> 0.6 by step 30 at T=1), with margin across seeds.
+assert after["accuracy"] > base_sampled["accuracy"] + 0.1, (base_sampled["accuracy"], after["accuracy"])
+assert last > first + 0.15, (first, last)
+assert abs(np.mean(hist["loss"])) < 0.05 and max(hist["clip_frac"]) == 0.0  # mu = 1: loss near 0, no clipping
+assert equal_grad_norm < 1e-6 and rest_error < 1e-4
+assert bias_ratio > 5 and abs(token_weight["dr_grpo"][7] / token_weight["dr_grpo"][55] - 1) < 1e-6
+assert memory_ratio < 0.6
+print(f"chapter 05 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")

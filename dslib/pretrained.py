@@ -1,0 +1,232 @@
+"""Cached base models: hand-written plumbing (no chapter teaches it; chapter 00 teaches the recipe).
+
+Several chapters start from the same pretrained model. `base_model()` builds it the way `from_pretrained` would fetch
+it, without a hub: the first call trains it deterministically from the recipe and stores it in a local cache; later
+calls load it in a second.
+
+- The cache folder is `DSLIB_CACHE` when set, else `$XDG_CACHE_HOME/dslib`, else `~/.cache/dslib`.
+- Each entry is a folder named after the recipe's hash (world config, model config, training config, packing and seed),
+  so a changed recipe never loads a stale model. It holds `model.safetensors` and `config.json` (dslib.checkpoint:
+  tensors and JSON only, never a pickle) and `recipe.json` (the recipe, the held-out loss and the build time).
+- An entry is built in a temporary folder and renamed into place when complete, so an interrupted build leaves nothing
+  under the real name, and two processes building at once do not mix their files.
+- A corrupt or incomplete entry (a truncated file, a missing file, a recipe that does not match its name) is **rebuilt**,
+  with a warning that names the folder; `rebuild=True` forces a rebuild.
+
+`python -m dslib.pretrained` builds every cached model (the base model of seed 0) and prints where it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dslib.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_config, save_checkpoint
+from dslib.train import TrainConfig, Trainer
+from dslib.transformer import Transformer, TransformerConfig
+from dslib.world import PackedData, World, WorldConfig
+
+__all__ = ["BaseRecipe", "BASE_RECIPE", "cache_dir", "base_world", "base_model", "base_model_path", "base_model_info",
+           "recipe_key"]
+
+FORMAT_VERSION = 1  # bump when the stored layout or the training code changes what a recipe produces
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """How the shared base model is pretrained (the course's pre-study, recommended recipe: shared WORLD.md notes).
+
+    A DeepSeek LLM-style decoder of width 96, 4 layers, 4 heads, context 96 (0.46M parameters), trained on the
+    arithmetic world's corpus packed into rows of 96 tokens (attention kept inside each document, loss on the response
+    tokens only), AdamW at 3e-3 with warm-up and cosine decay: 2,400 steps x 20 rows, about 4M tokens.
+    """
+
+    world: dict[str, Any] = field(default_factory=dict)  # WorldConfig overrides (empty: the default world)
+    d_model: int = 96
+    n_layer: int = 4
+    n_head: int = 4
+    seq_len: int = 96
+    batch_size: int = 20
+    steps: int = 2400
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"BaseRecipe.{name}={v!r} is invalid: a positive int is required")
+        if not isinstance(self.world, dict):
+            raise ValueError(f"BaseRecipe.world={self.world!r} is invalid: a dict of WorldConfig overrides is required")
+        WorldConfig(**self.world)  # validates the overrides (ValueError naming the field)
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(**self.world)
+
+    def model_config(self, vocab_size: int) -> TransformerConfig:
+        return TransformerConfig(vocab_size=vocab_size, d_model=self.d_model, n_layer=self.n_layer,
+                                 n_head=self.n_head, max_seq_len=self.seq_len)
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(steps=self.steps, lr=self.lr, warmup_steps=min(self.warmup_steps, self.steps - 1),
+                           schedule=self.schedule, eval_every=0, seed=seed)
+
+
+BASE_RECIPE = BaseRecipe()
+
+
+def cache_dir() -> Path:
+    """Where cached models live: DSLIB_CACHE, else $XDG_CACHE_HOME/dslib, else ~/.cache/dslib."""
+    env = os.environ.get("DSLIB_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dslib"
+
+
+def _full_recipe(recipe: BaseRecipe, seed: int) -> dict[str, Any]:
+    world = recipe.world_config()
+    vocab = World(world).tokenizer.vocab_size
+    return {"format": FORMAT_VERSION, "seed": seed, "world": asdict(world),
+            "model": recipe.model_config(vocab).to_dict(),
+            "train": asdict(recipe.train_config(seed)),
+            "packing": {"seq_len": recipe.seq_len, "batch_size": recipe.batch_size, "response_after": "<think>"}}
+
+
+def recipe_key(seed: int = 0, recipe: BaseRecipe = BASE_RECIPE) -> str:
+    """A short hash of everything that decides the weights: world, model, training and packing configs and the seed."""
+    text = json.dumps(_full_recipe(recipe, seed), sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def base_model_path(seed: int = 0, recipe: BaseRecipe = BASE_RECIPE) -> Path:
+    """The cache folder of the base model of `seed` (it may not exist yet)."""
+    return cache_dir() / f"base-seed{seed}-{recipe_key(seed, recipe)}"
+
+
+def base_world(recipe: BaseRecipe = BASE_RECIPE) -> World:
+    """The arithmetic world the base model was trained on (tokenizer, held-out problems, grading)."""
+    return World(recipe.world_config())
+
+
+def _train(recipe: BaseRecipe, seed: int, progress: bool, device: torch.device) -> tuple[Transformer, dict]:
+    world = base_world(recipe)
+    docs = [d.text for d in world.corpus()]
+    data = PackedData(docs, world.tokenizer, recipe.seq_len, recipe.batch_size, seed=seed)
+    valid = PackedData([d.text for d in world.validation()], world.tokenizer, recipe.seq_len, 64,
+                       seed=seed).all_batches()
+    torch.manual_seed(seed)
+    model = Transformer(recipe.model_config(world.tokenizer.vocab_size))
+    trainer = Trainer(model, data, recipe.train_config(seed), eval_batches=valid, device=device)
+    t0 = time.time()
+    history = trainer.fit(progress=progress)
+    seconds = time.time() - t0
+    info = {"heldout_loss": history["eval_loss"][-1], "final_train_loss": history["loss"][-1],
+            "build_seconds": round(seconds, 1), "parameters": model.num_params(),
+            "tokens": recipe.steps * recipe.batch_size * recipe.seq_len}
+    return model, info
+
+
+def _load(path: Path, recipe: BaseRecipe, seed: int, device: torch.device) -> Transformer:
+    """Load a cached entry; CheckpointError when it is incomplete, corrupt or of another recipe."""
+    try:
+        stored = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / 'recipe.json'}: missing or corrupt ({e})") from None
+    want = json.loads(json.dumps(_full_recipe(recipe, seed), default=list))
+    if not isinstance(stored, dict) or stored.get("recipe") != want:
+        raise CheckpointError(f"{path}: holds a model of another recipe")
+    config = read_config(path)
+    try:
+        model = Transformer(TransformerConfig(**config))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not a TransformerConfig ({e})") from None
+    load_checkpoint(path, model)
+    return model.to(device).eval()
+
+
+def base_model(seed: int = 0, progress: bool = True, device: torch.device | str | None = None, *,
+               rebuild: bool = False, _recipe: BaseRecipe | None = None) -> Transformer:
+    """The pretrained base model of the course (chapters 05 and 06 start from it), built once and then cached.
+
+    seed: the pretraining seed (weight initialisation and the order of the packed rows; the world is fixed).
+    progress: show the training progress bar when the model has to be built.
+    device: where the returned model lives (default: CPU). A build trains on this device (CPU: float32; CUDA: bf16
+        autocast, so a model built on a GPU is not bitwise the CPU's; either is cached under the same recipe).
+    rebuild: train again even when the cache holds the model.
+    _recipe: another recipe (for tests: a tiny one builds in seconds); it is cached under its own hash.
+
+    A corrupt or incomplete cache entry is rebuilt, with a warning naming it. Returns the model in eval mode; get its
+    world (tokenizer, problems, grading) with `base_world()`.
+    """
+    recipe = _recipe or BASE_RECIPE
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} is invalid: a non-negative int is required")
+    device = torch.device(device or "cpu")
+    path = base_model_path(seed, recipe)
+    if path.exists() and not rebuild:
+        try:
+            return _load(path, recipe, seed, device)
+        except CheckpointError as e:
+            warnings.warn(f"cached base model at {path} is unusable ({e}); rebuilding it", stacklevel=2)
+    if progress:
+        print(f"building the base model (seed {seed}) into {path}")
+    model, info = _train(recipe, seed, progress, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp.chmod(0o755)
+        save_checkpoint(tmp, model, model.config.to_dict(), step=recipe.steps)
+        atomic_write_text(tmp / "recipe.json",
+                          json.dumps({"recipe": _full_recipe(recipe, seed), **info}, indent=2, default=list) + "\n")
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process put a complete entry there first: keep it
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(device).eval()
+
+
+def base_model_info(seed: int = 0, recipe: BaseRecipe = BASE_RECIPE) -> dict[str, Any]:
+    """What was recorded when the cached base model was built (held-out loss, build time, ...); {} if not cached."""
+    try:
+        return json.loads((base_model_path(seed, recipe) / "recipe.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Build (or find) every cached dslib model and print where it is.")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0], help="pretraining seeds of the base model")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: the model is tiny, and one thread suffers least on a busy machine)")
+    p.add_argument("--rebuild", action="store_true")
+    args = p.parse_args(argv)
+    import dslib
+
+    dslib.setup(0, threads=args.threads, quiet=True)
+    for seed in args.seeds:
+        t0 = time.time()
+        base_model(seed, progress=True, rebuild=args.rebuild)
+        info = base_model_info(seed)
+        print(f"base model seed {seed}: {base_model_path(seed)} ({time.time() - t0:.1f} s; held-out loss "
+              f"{info.get('heldout_loss', float('nan')):.3f}, built in {info.get('build_seconds', 0):.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
