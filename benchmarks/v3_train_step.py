@@ -1,0 +1,126 @@
+"""Training-step throughput of dslib's DeepSeek-V3-mini against transformers' DeepseekV3ForCausalLM (chapter 04).
+
+Both models get the same configuration and the same weights (the transformers model is built, saved, and loaded into
+dslib with DeepSeekV3.from_hf), and are first checked to give the same logits. Then each trains on the same random
+batches with AdamW: forward, cross-entropy, backward, optimizer step. Contenders alternate in rounds and the median
+round counts. transformers runs in its default experts implementation and in each other one it offers; the fastest is
+the peer. Prints tokens per second and ratios; the last line is the headline ratio.
+
+    python benchmarks/v3_train_step.py [--batch 8] [--seq 128] [--hidden 128] [--layers 4] [--experts 16] [--topk 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dslib
+from dslib.v3 import DeepSeekV3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=3, help="training steps per timed round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    device = dslib.setup(seed=0, threads=args.threads)
+    try:
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    except ImportError:
+        raise SystemExit("transformers is not installed: pip install -e '.[dev]'")
+
+    d = args.hidden
+    hf_config = DeepseekV3Config(
+        vocab_size=args.vocab, hidden_size=d, intermediate_size=3 * d, moe_intermediate_size=d // 2,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=args.experts, num_experts_per_tok=args.topk, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=d // 2,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    reference = DeepseekV3ForCausalLM(hf_config)
+    with torch.no_grad():  # transformers starts the router at zero, which would route every token alike
+        for name, prm in reference.named_parameters():
+            if "mlp.gate.weight" in name:
+                prm.normal_(0, 0.02)
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        ours = DeepSeekV3.from_hf(folder)
+    reference, ours = reference.to(device), ours.to(device)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    with torch.no_grad():
+        err = (reference.eval()(x).logits - ours.eval()(x)).abs().max().item()
+    print(f"same weights, max |logit difference| {err:.1e}")
+    if err > 1e-3:
+        raise SystemExit("the two models disagree: not comparing their speed")
+
+    hf_default = getattr(reference.config, "_experts_implementation", None) or "eager"
+    impls = [hf_default, "eager"]
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # transformers >= 5
+        impls += list(ALL_EXPERTS_FUNCTIONS.keys())
+    except ImportError:
+        pass
+    impls = list(dict.fromkeys(impls))  # the default first, no repeats
+
+    def hf_step(impl):
+        reference.config._experts_implementation = impl
+        logits = reference(x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+
+    contenders = {"dslib": (ours, lambda: F.cross_entropy(ours(x).flatten(0, 1).float(), x.flatten()))}
+    for impl in impls:
+        label = f"transformers ({impl}{', default' if impl == hf_default else ''})"
+        contenders[label] = (reference, lambda impl=impl: hf_step(impl))
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in contenders.items()}
+    usable = {}
+    for name, (m, loss_fn) in contenders.items():
+        m.train()
+        try:
+            loss = loss_fn()
+            loss.backward()
+            optimizers[name].zero_grad(set_to_none=True)
+            usable[name] = (m, loss_fn)
+        except Exception as e:  # an experts implementation this machine lacks (for example a GPU-only kernel)
+            print(f"{name}: unavailable here ({type(e).__name__}: {str(e)[:80]})")
+    times = {name: [] for name in usable}
+    for _ in range(args.rounds):
+        for name, (m, loss_fn) in usable.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = loss_fn()
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    tokens = args.steps * args.batch * args.seq
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"{device.type.upper()}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens, "
+          f"{args.layers} layers, {args.experts} experts (top-{args.topk}), hidden {d}")
+    for name, r in rate.items():
+        print(f"{name:<40}{r:>12,.0f} tokens/s")
+    peers = {k: v for k, v in rate.items() if k.startswith("transformers")}
+    fastest = max(peers, key=peers.get)
+    default = next(iter(peers))
+    print(f"speedup vs {default}: {rate['dslib'] / peers[default]:.2f}x")
+    print(f"v3 train step speedup vs transformers: {rate['dslib'] / peers[fastest]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
