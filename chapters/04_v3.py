@@ -1014,35 +1014,45 @@ print(f"teacher-forced on held-out documents of every style (steps, guesses, 'wa
 
 # %% [markdown]
 # **An explorer.** Pick a problem and step through speculative decoding: each produced token is marked as the main
-# model's own (black), an accepted draft (green), or the main model's correction after a rejected draft (red, with the
-# draft that was rejected).
+# model's own (no box), an accepted draft (green box), or the main model's correction after a rejected draft (red box,
+# with the rejected draft below it). Greedy answers of this model are mostly bare; start it with the first step of a
+# worked solution written in (`start="first step given"`) to watch it draft through a step-by-step computation.
 
 # %%
-def show_speculation(problem: int = 0, steps: int = 40):
-    text = world.prompts([world.heldout[problem]])[0]
+import random  # noqa: E402
+
+from dslib.world import make_document  # noqa: E402
+
+
+def show_speculation(problem: int = 0, start: str = "the question", steps: int = 40):
+    p = world.heldout[problem]
+    text = world.prompts([p])[0]
+    if start == "first step given":
+        worked = make_document(p, "steps", random.Random(problem), world.config, language="sym")
+        text += worked.completion.split(" ")[0] + " "
     x = torch.tensor([tok.encode(text, bos=True)], device=device)
     _, st = speculative_generate(spec_model, x, 64, stop_id=stop)
-    fig, ax = plt.subplots(figsize=(11, 1.9))
+    fig, ax = plt.subplots(figsize=(11, 2.2))
     ax.set_axis_off()
-    ax.text(0, 0.85, text, family="monospace", fontsize=9, transform=ax.transAxes)
-    xpos, ypos = 0.0, 0.5
+    ax.text(0, 0.9, f"{text}   (answer {p.answer})", family="monospace", fontsize=10, transform=ax.transAxes)
+    xpos, ypos = 0.0, 0.55
     for token, mark in st.marks[:steps]:
-        piece = tok.decode([token])
-        colour = {"main": "black", "accepted": "tab:green"}.get(mark, "tab:red")
-        ax.text(xpos, ypos, piece, family="monospace", fontsize=10, color=colour, transform=ax.transAxes)
+        piece = tok.decode([token]).replace(" ", "␣")  # show spaces
+        box = {"accepted": dict(facecolor="#c7e9c0", edgecolor="none", pad=1.5)}.get(
+            mark, dict(facecolor="#fcbba1", edgecolor="none", pad=1.5) if mark.startswith("rejected") else None)
+        ax.text(xpos, ypos, piece, family="monospace", fontsize=11, bbox=box, transform=ax.transAxes)
         if mark.startswith("rejected"):
-            ax.text(xpos, ypos - 0.22, tok.decode([int(mark.split()[1])]), family="monospace", fontsize=7,
-                    color="tab:red", alpha=0.6, transform=ax.transAxes)
-        xpos += 0.0105 * max(1, len(piece))
+            ax.text(xpos, ypos - 0.2, tok.decode([int(mark.split()[1])]).replace(" ", "␣"), family="monospace",
+                    fontsize=8, color="tab:red", transform=ax.transAxes)
+        xpos += 0.011 * max(1, len(piece)) + 0.006
         if xpos > 0.97:
             xpos, ypos = 0.0, ypos - 0.45
     ax.set_title(f"problem {problem}: {st.accepted}/{st.drafted} drafts accepted, {st.tokens} tokens in "
-                 f"{st.forwards} forward passes (green: accepted draft; red: correction, rejected draft below)",
-                 fontsize=9)
+                 f"{st.forwards} main-model forward passes", fontsize=10)
     plt.show()
 
 
-explore(show_speculation, problem=(0, 47, 1), steps=(5, 60, 5))
+explore(show_speculation, problem=(0, 47, 1), start=["first step given", "the question"], steps=(5, 60, 5))
 
 # %% [markdown]
 # ## 6. Parameters and FLOPs, mini and full size
