@@ -1359,6 +1359,25 @@ def document_causal_mask(segments: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
     return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
+
+def forward_inputs(input_ids: torch.Tensor, positions: torch.Tensor | None, segments: torch.Tensor | None,
+                   attn_mask: torch.Tensor | None, cache, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What every dslib language model's forward does before its layers: (positions, attn_mask) for input_ids (b, t).
+    segments turn into document_causal_mask; a sequence longer than max_seq_len without a cache is refused; positions
+    default to 0..t-1 after the cache's filled part; a chunk of t > 1 tokens after cached ones gets the causal mask
+    that lets query i see keys 0 .. past + i."""
+    b, t = input_ids.shape
+    if segments is not None:
+        attn_mask = document_causal_mask(segments)
+    past = cache.length if cache is not None else 0
+    if past + t > max_seq_len and cache is None:
+        raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={max_seq_len}")
+    if positions is None:
+        positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+    if cache is not None and attn_mask is None and t > 1:
+        attn_mask = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)[None, None]
+    return positions, attn_mask
+
 # %%
 # Attention against a slow loop over heads and positions (GQA: 4 query heads share 2 KV heads).
 c = TransformerConfig(vocab_size=50, d_model=32, n_head=4, n_kv_head=2, max_seq_len=16)
@@ -1419,23 +1438,14 @@ class Transformer(nn.Module):
         segments (b, t): document ids of packed rows; attention stays within a document (document_causal_mask).
         attn_mask (b, 1, t, past + t) bool, True where attention is allowed (default: causal).
         cache: a KVCache to decode incrementally; it is advanced by t."""
-        b, t = input_ids.shape
-        if segments is not None:
-            attn_mask = document_causal_mask(segments)
-        past = cache.length if cache is not None else 0
-        if past + t > self.config.max_seq_len and cache is None:
-            raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.config.max_seq_len}")
-        if positions is None:
-            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-        if cache is not None and attn_mask is None and t > 1:
-            # A chunk after `past` cached positions: query i sees keys 0 .. past + i.
-            attn_mask = torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)[None, None]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache, c.max_seq_len)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:
-            cache.length += t
+            cache.length += input_ids.shape[1]
         return self.lm_head(self.norm(x))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -130,7 +130,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from dslib.transformer import RMSNorm, SwiGLU, Transformer, apply_rope, document_causal_mask, rope_cos_sin
+from dslib.transformer import RMSNorm, SwiGLU, Transformer, apply_rope, forward_inputs, rope_cos_sin
 
 ATTENTION_KINDS = ("MHA", "GQA", "MQA", "MLA")
 
@@ -675,21 +675,15 @@ class MLATransformer(nn.Module):
         segments (b, t): document ids of packed rows; attention stays within a document (document_causal_mask).
         attn_mask (b, 1, t, past + t) bool, True where attention is allowed (default: causal).
         cache: an MLACache to decode incrementally; it is advanced by t."""
-        b, t = input_ids.shape
-        if segments is not None:
-            attn_mask = document_causal_mask(segments)
-        past = cache.length if cache is not None else 0
-        if past + t > self.config.max_seq_len and cache is None:
-            raise ValueError(f"sequence of {t} tokens is longer than max_seq_len={self.config.max_seq_len}")
-        if positions is None:
-            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-        cos, sin = rope_cos_sin(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+        c = self.config
+        positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache, c.max_seq_len)
+        cos, sin = rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta)
         mode = self.mode if cache is not None else "naive"
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache, mode)
         if cache is not None:
-            cache.length += t
+            cache.length += input_ids.shape[1]
         return self.lm_head(self.norm(x))
 
     # Decoding is chapter 00's loop unchanged: it asks the model for a cache through new_cache, so it gets an MLACache.

@@ -20,7 +20,7 @@ import torch.nn as nn
 from dslib.mla import MLA, MLAConfig, MLACache
 from dslib.moe import MoE, MoEConfig
 from dslib.mtp import MTPModule, mtp_hidden
-from dslib.transformer import RMSNorm, SwiGLU, Transformer, document_causal_mask, rope_cos_sin
+from dslib.transformer import RMSNorm, SwiGLU, Transformer, document_causal_mask, forward_inputs, rope_cos_sin
 
 
 def _positive_int(value) -> bool:
@@ -281,22 +281,15 @@ class DeepSeekV3(nn.Module):
         """input_ids (b, t) -> logits (b, t, vocab); with return_hidden, (logits, h) where h (b, t, d) is the last
         layer's output before the final norm: the h^0 that MTP module 1 reads.
         positions, segments, attn_mask and cache as in dslib.transformer.Transformer.forward."""
-        b, t = input_ids.shape
-        if segments is not None:
-            attn_mask = document_causal_mask(segments)
-        past = cache.length if cache is not None else 0
-        if past + t > self.config.max_position_embeddings:
-            raise ValueError(f"{past + t} positions exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        if positions is None:
-            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache,
+                                              self.config.max_position_embeddings)
         cos, sin = self.rope(positions)
         mode = self.mode if cache is not None else "naive"
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache, mode)
         if cache is not None:
-            cache.length += t
+            cache.length += input_ids.shape[1]
         logits = self.lm_head(self.norm(x))
         return (logits, x) if return_hidden else logits
 

@@ -15,12 +15,7 @@ from dslib.transformer import Transformer, TransformerConfig
 from dslib.world import World
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_group_advantages_by_hand():

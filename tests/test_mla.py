@@ -17,14 +17,7 @@ from dslib.world import PackedData, World
 V = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread runs them as fast as several, and other programs on the machine slow it down
-    far less (threads that wait for each other stall when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(q_lora_rank: int = 0, seed: int = 0, n_layer: int = 2, init_std: float = 0.1, max_seq_len: int = 64,

@@ -16,12 +16,7 @@ V = 30
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 4], [1, 3, 3, 3], [1, 9, 8]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(seed: int = 0) -> Transformer:
