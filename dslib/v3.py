@@ -242,8 +242,8 @@ class DeepSeekV3(nn.Module):
                                     for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        # MTP blocks are MoE layers, as in V3; each has its own cache layer (index k - 1 in new_mtp_cache).
-        self.mtp = nn.ModuleList(MTPModule(c.hidden_size, V3Block(c, k, moe=c.n_routed_experts > 0), c.rms_norm_eps)
+        # MTP blocks are MoE layers, as in V3; module k (1-based) writes layer k - 1 of new_mtp_cache().
+        self.mtp = nn.ModuleList(MTPModule(c.hidden_size, V3Block(c, k, moe=True), c.rms_norm_eps)
                                  for k in range(c.num_nextn_predict_layers))
         self.apply(self._init)
         if c.tie_word_embeddings:
@@ -356,7 +356,6 @@ class DeepSeekV3(nn.Module):
         model = cls(config, mode=mode)
         state = hf_to_dslib(tensors, config)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("mtp.")]
         if missing or unexpected:
             raise ValueError(f"{directory}: the checkpoint does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
