@@ -418,6 +418,11 @@ class MLACache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (indices, in order): a decoder drops the rows that have finished."""
+        self.kv = [t[rows] for t in self.kv]
+        self.pe = [t[rows] for t in self.pe]
+
 # %% [markdown]
 # The layer. `forward` computes the queries and the two cached vectors, writes them to the cache when there is one,
 # and then attends in one of two ways:

@@ -254,7 +254,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, seed: int | None = 0,
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, drop_finished: bool = True) -> Rollout:
     """Sample completions of token-id prompts of different lengths, in one batch, with a KV cache.
 
     The model is any dslib LM with `forward(input_ids, positions, segments, attn_mask, cache)` and
@@ -266,7 +266,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
         sequences (a stop string encoded, e.g. `tokenizer.encode("==")`) that end a row once its completion ends
         with one of them (kept too). The world's `</answer>` is a single token: pass it in stop_ids.
         max_new_tokens is capped by the model's max_seq_len. seed: a fresh generator seeded with it (the same seed
-        gives the same rollout); or pass `generator`.
+        gives the same rollout); or pass `generator`. drop_finished: rows that have stopped leave the batch and the
+        cache (when the cache has `select_rows`), so a batch of short completions does not pay for its longest one;
+        the samples are the same either way (up to float rounding of a smaller batch).
     Returns a Rollout whose logprobs are those of the distribution actually sampled from: log softmax(logits / T),
     renormalised over the top-p nucleus. With top_p = 1 they equal a teacher-forced forward pass at the same
     temperature (`sequence_logprobs`), which is what GRPO's ratio pi_theta / pi_theta_old needs.
@@ -296,6 +298,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     prompt_len = valid.sum(-1)  # (b,)
 
     cache = model.new_cache(b, width + n_new)
+    can_drop = drop_finished and hasattr(cache, "select_rows")
+    rows = torch.arange(b, device=device)  # the rows of the batch that the cache still holds
     logits = model(ids, positions=positions_of(valid), attn_mask=padded_attention(valid), cache=cache)[:, -1]
     key_valid = torch.cat([valid, torch.ones(b, n_new, dtype=torch.bool, device=device)], dim=1)
     tokens = torch.full((b, n_new), pad_id, dtype=torch.long, device=device)
@@ -324,9 +328,17 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                 done = done | (live & (tokens[:, i + 1 - len(q):i + 1] == q).all(-1))
         if bool(done.all()) or i + 1 == n_new:
             break
+        # Rows that have finished leave the batch (their cache rows too) once a quarter of it is idle; sampling still
+        # draws for all b rows, so every live row gets the same random numbers as without dropping.
+        live_rows = ~done[rows]
+        if can_drop and int(live_rows.sum()) <= 0.75 * len(rows):
+            rows = rows[live_rows]
+            cache.select_rows(torch.nonzero(live_rows)[:, 0])
         past = width + i
-        logits = model(tokens[:, i:i + 1], positions=(prompt_len + i)[:, None],
-                       attn_mask=key_valid[:, None, None, :past + 1], cache=cache)[:, -1]
+        out = model(tokens[rows, i:i + 1], positions=(prompt_len[rows] + i)[:, None],
+                    attn_mask=key_valid[rows][:, None, None, :past + 1], cache=cache)[:, -1]
+        logits = out if len(rows) == b else torch.zeros(b, out.shape[-1], device=device, dtype=out.dtype).index_copy_(
+            0, rows, out)
     model.train(was_training)
     return Rollout(ids, valid, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps])
 
@@ -602,14 +614,20 @@ objective with the k3 KL estimator, the loss normalisations of GRPO, Dr. GRPO an
 from __future__ import annotations
 
 import copy
+import json
+import os
 import random
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from dslib.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, save_checkpoint
 from dslib.rewards import Rewards, accuracy_reward, reflects, style_of
 from dslib.sampling import Rollout, generate, rollout_logprobs
 from dslib.world import Problem, prompt
@@ -777,6 +795,7 @@ class GRPOConfig:
     scale: str = "group"
     grad_clip: float = 1.0
     seed: int = 0
+    log_kl: bool = True  # run the reference model to log the KL even when beta = 0 (it costs one forward pass)
 
     def __post_init__(self) -> None:
         def bad(name, allowed):
@@ -805,6 +824,8 @@ class GRPOConfig:
             bad("grad_clip", "a non-negative number is required")
         if not isinstance(self.seed, int) or self.seed < 0:
             bad("seed", "a non-negative int is required")
+        if not isinstance(self.log_kl, bool):
+            bad("log_kl", "True or False is required")
 
 # %%
 #| export
@@ -814,22 +835,32 @@ class GRPOTrainer:
     Each step draws `prompts_per_step` training problems, samples `group_size` completions of each from the current
     policy (which is pi_old for this batch), scores them with the rule-based rewards, turns the rewards into group
     advantages, and takes `mu` gradient steps on the clipped objective; a frozen copy of the starting model is the
-    reference pi_ref (for the KL term when beta > 0, and for logging the KL always).
+    reference pi_ref (for the KL term when beta > 0, and for logging the KL when config.log_kl).
 
     Why the logged loss sits near zero while the policy learns: in the first update on a batch, pi_theta = pi_old,
     so every ratio is 1 and the loss is -mean(A) (per completion for "grpo"), and group advantages have mean 0 in every
     group. Its gradient is not zero: it is -mean_i A_i grad log pi(o_i), which raises the probability of
     above-average completions and lowers that of the others. The loss's value says nothing about progress; the reward
-    does.
+    does. With mu = 1 the old log-probabilities are the current ones, detached (so the ratio is exactly 1, as TRL does).
 
     history (per step): reward and each reward part, accuracy, response length (tokens; all, right and wrong),
-    reflection rate, the share of groups whose rewards are all equal (they get A = 0 and give no gradient), k3 KL to
-    the reference, clip fraction, loss, gradient norm and seconds.
+    reflection rate, truncation rate (completions that hit max_new_tokens without closing </answer>: they score no
+    accuracy), entropy (the mean of -log pi over sampled tokens: a Monte Carlo estimate of the per-token entropy), the
+    share of groups whose rewards are all equal (they get A = 0 and give no gradient), k3 KL to the reference, clip
+    fraction, loss, gradient norm and seconds.
+
+    Checkpoints: with `checkpoint_dir`, `fit` writes `step-NNNNNN/` folders (model, optimizer, RNG states, step, history
+    and evaluations; each folder is written under a temporary name and renamed, so a crash never leaves a torn one) at
+    step 0, every `checkpoint_every` steps, at the end and on Ctrl-C. `resume()` continues from the latest one, to the
+    same numbers as a run that was never stopped (problems and rollout seeds are pure functions of (seed, step)).
     """
 
     def __init__(self, model: torch.nn.Module, world, config: GRPOConfig | None = None, rewards: Rewards | None = None,
-                 ref_model: torch.nn.Module | None = None):
-        self.model, self.world = model, world
+                 ref_model: torch.nn.Module | None = None, checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int = 10):
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={checkpoint_every!r} is invalid: a positive int is required")
+        self.model, self.world = model.requires_grad_(True), world  # the policy trains, whatever it was copied from
         self.config = config or GRPOConfig()
         self.rewards = rewards or Rewards()
         self.ref = ref_model if ref_model is not None else copy.deepcopy(model)
@@ -838,8 +869,11 @@ class GRPOTrainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.config.lr)
         self.tokenizer = world.tokenizer
         self.stop_id = self.tokenizer.id("</answer>")
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
         self.step = 0
         self.history: dict[str, list] = {}
+        self.evals: list[dict] = []  # what on_checkpoint returned, with its step
 
     def problems(self, step: int) -> list[Problem]:
         """The training problems of a step: a pure function of (seed, step), never a held-out problem."""
@@ -862,12 +896,15 @@ class GRPOTrainer:
         scores = self.rewards.score(texts, expanded)
         rewards = torch.tensor(scores["total"], device=self.device)
         adv = group_advantages(rewards, c.group_size, c.scale).to(self.device)
-        with torch.no_grad():
-            ref_lp = rollout_logprobs(self.ref, roll, c.temperature)
+        ref_lp = None
+        if c.beta > 0 or c.log_kl:
+            with torch.no_grad():
+                ref_lp = rollout_logprobs(self.ref, roll, c.temperature)
         self.model.train()
         for _ in range(c.mu):
             lp = rollout_logprobs(self.model, roll, c.temperature)
-            loss, stats = grpo_loss(lp, roll.logprobs, ref_lp, adv, roll.mask, epsilon=c.epsilon,
+            old = lp.detach() if c.mu == 1 else roll.logprobs
+            loss, stats = grpo_loss(lp, old, ref_lp, adv, roll.mask, epsilon=c.epsilon,
                                     epsilon_high=c.epsilon_high, beta=c.beta, loss_type=c.loss_type,
                                     max_completion_length=c.max_new_tokens, return_stats=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -879,30 +916,101 @@ class GRPOTrainer:
         lengths = roll.lengths.float()
         right = torch.tensor(scores["accuracy"], device=self.device) > 0
         groups = rewards.view(-1, c.group_size)
+        last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
         rec = {"step": self.step + 1, "reward": float(rewards.mean()),
                **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
                "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
                "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
                "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
                "reflection": sum(reflects(t) for t in texts) / len(texts),
+               "truncated": float((last != self.stop_id).float().mean()),
+               "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
                "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
-               "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": float(loss.detach()),
-               "grad_norm": float(grad_norm), "seconds": time.time() - t0}
+               "kl": stats["kl"] if ref_lp is not None else float("nan"), "clip_frac": stats["clip_frac"],
+               "loss": float(loss.detach()), "grad_norm": float(grad_norm), "seconds": time.time() - t0}
         for k, v in rec.items():
             self.history.setdefault(k, []).append(v)
         self.step += 1
         return rec
 
-    def fit(self, steps: int | None = None, progress: bool = True) -> dict[str, list]:
-        """Run `steps` more GRPO steps (default: up to config.steps). Returns the history."""
+    # -- checkpoints (plumbing: the format is dslib.checkpoint's) --
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """The complete checkpoints in checkpoint_dir, as (step, folder), oldest first."""
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return []
+        found = []
+        for d in self.checkpoint_dir.glob("step-*"):
+            if d.is_dir() and d.name[5:].isdigit() and (d / "trainer.safetensors").exists():
+                found.append((int(d.name[5:]), d))
+        return sorted(found)
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current step (see the class docstring); returns its folder."""
+        if self.checkpoint_dir is None:
+            raise ValueError("this GRPOTrainer has no checkpoint_dir")
+        final = self.checkpoint_dir / f"step-{self.step:06d}"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
+        try:
+            state = {"history": self.history, "evals": self.evals, "config": asdict(self.config)}
+            cfg = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+            save_checkpoint(tmp, self.model, cfg, self.optimizer, state, step=self.step)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from a checkpoint folder (default: the latest in checkpoint_dir). Returns whether one was loaded.
+        A checkpoint saved with another GRPOConfig is refused (CheckpointError), before anything is loaded."""
+        if path is None:
+            found = self.checkpoints()
+            if not found:
+                return False
+            path = found[-1][1]
+        saved = read_trainer_state(path)
+        if saved.get("config") != json.loads(json.dumps(asdict(self.config))):
+            raise CheckpointError(f"{path}: saved with another GRPOConfig ({saved.get('config')}); resume with the "
+                                  f"same config or use a new checkpoint_dir")
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
+        self.model.eval()
+        return True
+
+    def _checkpoint(self, on_checkpoint: Callable | None) -> None:
+        """Save (when there is a folder), then evaluate: a crash in the evaluation loses no training."""
+        path = self.save() if self.checkpoint_dir is not None else None
+        if on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals):
+            out = on_checkpoint(self, path)
+            if out is not None:
+                self.evals.append({"step": self.step, **out})
+
+    def fit(self, steps: int | None = None, progress: bool = True, on_checkpoint: Callable | None = None
+            ) -> dict[str, list]:
+        """Run `steps` more GRPO steps (default: up to config.steps). Returns the history.
+
+        on_checkpoint(trainer, folder) runs at step 0, every checkpoint_every steps and at the end, right after the
+        checkpoint is written (folder is None without a checkpoint_dir); a dict it returns joins `trainer.evals` (and
+        the next checkpoint). On Ctrl-C the state is saved before the interrupt goes on."""
         until = self.config.steps if steps is None else self.step + steps
         bar = tqdm(total=until, initial=self.step, desc="GRPO", disable=not progress, leave=True)
         try:
+            if self.step == 0 or (on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals)):
+                self._checkpoint(on_checkpoint)
             while self.step < until:
                 rec = self.train_step()
                 bar.update(1)
                 bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}",
                                 len=f"{rec['length']:.1f}")
+                if self.step % self.checkpoint_every == 0 or self.step == until:
+                    self._checkpoint(on_checkpoint)
+        except KeyboardInterrupt:
+            if self.checkpoint_dir is not None:
+                self.save()
+                print(f"interrupted at step {self.step}: saved to {self.checkpoint_dir}; resume() then fit() again")
+            raise
         finally:
             bar.close()
         return self.history

@@ -174,6 +174,11 @@ class MLACache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv + self.pe)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (indices, in order): a decoder drops the rows that have finished."""
+        self.kv = [t[rows] for t in self.kv]
+        self.pe = [t[rows] for t in self.pe]
+
 
 MODES = ("naive", "absorb")
 

@@ -115,7 +115,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
              stop_sequences: Sequence[Sequence[int]] = (), pad_id: int = 0, seed: int | None = 0,
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, drop_finished: bool = True) -> Rollout:
     """Sample completions of token-id prompts of different lengths, in one batch, with a KV cache.
 
     The model is any dslib LM with `forward(input_ids, positions, segments, attn_mask, cache)` and
@@ -127,7 +127,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
         sequences (a stop string encoded, e.g. `tokenizer.encode("==")`) that end a row once its completion ends
         with one of them (kept too). The world's `</answer>` is a single token: pass it in stop_ids.
         max_new_tokens is capped by the model's max_seq_len. seed: a fresh generator seeded with it (the same seed
-        gives the same rollout); or pass `generator`.
+        gives the same rollout); or pass `generator`. drop_finished: rows that have stopped leave the batch and the
+        cache (when the cache has `select_rows`), so a batch of short completions does not pay for its longest one;
+        the samples are the same either way (up to float rounding of a smaller batch).
     Returns a Rollout whose logprobs are those of the distribution actually sampled from: log softmax(logits / T),
     renormalised over the top-p nucleus. With top_p = 1 they equal a teacher-forced forward pass at the same
     temperature (`sequence_logprobs`), which is what GRPO's ratio pi_theta / pi_theta_old needs.
@@ -157,6 +159,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     prompt_len = valid.sum(-1)  # (b,)
 
     cache = model.new_cache(b, width + n_new)
+    can_drop = drop_finished and hasattr(cache, "select_rows")
+    rows = torch.arange(b, device=device)  # the rows of the batch that the cache still holds
     logits = model(ids, positions=positions_of(valid), attn_mask=padded_attention(valid), cache=cache)[:, -1]
     key_valid = torch.cat([valid, torch.ones(b, n_new, dtype=torch.bool, device=device)], dim=1)
     tokens = torch.full((b, n_new), pad_id, dtype=torch.long, device=device)
@@ -185,9 +189,17 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                 done = done | (live & (tokens[:, i + 1 - len(q):i + 1] == q).all(-1))
         if bool(done.all()) or i + 1 == n_new:
             break
+        # Rows that have finished leave the batch (their cache rows too) once a quarter of it is idle; sampling still
+        # draws for all b rows, so every live row gets the same random numbers as without dropping.
+        live_rows = ~done[rows]
+        if can_drop and int(live_rows.sum()) <= 0.75 * len(rows):
+            rows = rows[live_rows]
+            cache.select_rows(torch.nonzero(live_rows)[:, 0])
         past = width + i
-        logits = model(tokens[:, i:i + 1], positions=(prompt_len + i)[:, None],
-                       attn_mask=key_valid[:, None, None, :past + 1], cache=cache)[:, -1]
+        out = model(tokens[rows, i:i + 1], positions=(prompt_len[rows] + i)[:, None],
+                    attn_mask=key_valid[rows][:, None, None, :past + 1], cache=cache)[:, -1]
+        logits = out if len(rows) == b else torch.zeros(b, out.shape[-1], device=device, dtype=out.dtype).index_copy_(
+            0, rows, out)
     model.train(was_training)
     return Rollout(ids, valid, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps])
 

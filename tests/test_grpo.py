@@ -3,6 +3,8 @@ computation (values and gradients), clip-higher, all-equal groups give no gradie
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import pytest
@@ -160,3 +162,85 @@ def test_trainer_step_runs_and_logs():
     # The reference model is frozen.
     assert all(not p.requires_grad for p in tr.ref.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, tr.ref.parameters()))
+
+
+def _tiny_trainer(checkpoint_dir=None, steps=6, **overrides) -> GRPOTrainer:
+    world = World(n_docs=10)
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=32, n_layer=1, n_head=2,
+                                          max_seq_len=48))
+    config = GRPOConfig(**{"steps": steps, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 12, "lr": 3e-3,
+                           **overrides})
+    return GRPOTrainer(model, world, config, checkpoint_dir=checkpoint_dir, checkpoint_every=2)
+
+
+def _weights_sum(trainer, path):
+    return {"weights": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+            "saved": path is not None and path.is_dir()}
+
+
+def _no_seconds(history) -> str:
+    """The log without its timings, as JSON text (so that NaN, for a batch with no right answer, compares equal)."""
+    return json.dumps({k: v for k, v in history.items() if k != "seconds"}, sort_keys=True)
+
+
+def test_stopped_and_resumed_run_logs_the_same_numbers(tmp_path):
+    full = _tiny_trainer(tmp_path / "full")
+    full.fit(progress=False, on_checkpoint=_weights_sum)
+    assert [s for s, _ in full.checkpoints()] == [0, 2, 4, 6]
+    assert [e["step"] for e in full.evals] == [0, 2, 4, 6] and all(e["saved"] for e in full.evals)
+
+    part = _tiny_trainer(tmp_path / "part")
+    part.fit(steps=3, progress=False, on_checkpoint=_weights_sum)  # stops at step 3 (and checkpoints there)
+    again = _tiny_trainer(tmp_path / "part")
+    assert again.resume() and again.step == 3
+    again.fit(progress=False, on_checkpoint=_weights_sum)
+    assert _no_seconds(again.history) == _no_seconds(full.history)
+    assert [e for e in again.evals if e["step"] != 3] == full.evals
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), full.model.state_dict().values()))
+    assert not [p for p in (tmp_path / "part").iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_interrupted_evaluation_loses_nothing(tmp_path):
+    """Ctrl-C during an evaluation: the checkpoint was written first, and the missing evaluation runs on resume."""
+    def interrupt_at_4(trainer, path):
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return _weights_sum(trainer, path)
+
+    first = _tiny_trainer(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(progress=False, on_checkpoint=interrupt_at_4)
+    assert [s for s, _ in first.checkpoints()][-1] == 4 and [e["step"] for e in first.evals] == [0, 2]
+    second = _tiny_trainer(tmp_path / "run")
+    assert second.resume() and second.step == 4 and [e["step"] for e in second.evals] == [0, 2]
+    second.fit(progress=False, on_checkpoint=_weights_sum)
+    assert [e["step"] for e in second.evals] == [0, 2, 4, 6]
+    reference = _tiny_trainer(tmp_path / "reference")
+    reference.fit(progress=False, on_checkpoint=_weights_sum)
+    assert _no_seconds(second.history) == _no_seconds(reference.history) and second.evals == reference.evals
+
+
+def test_resume_refuses_another_config(tmp_path):
+    from dslib.checkpoint import CheckpointError
+
+    _tiny_trainer(tmp_path / "run", steps=2).fit(progress=False)
+    other = _tiny_trainer(tmp_path / "run", steps=2, lr=1e-3)
+    with pytest.raises(CheckpointError, match="another GRPOConfig"):
+        other.resume()
+    assert not _tiny_trainer(tmp_path / "empty").resume()  # nothing to resume from: False, not an error
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        GRPOTrainer(other.model, other.world, other.config, checkpoint_every=0)
+
+
+def test_one_update_ratio_is_exactly_one_and_kl_is_optional():
+    tr = _tiny_trainer(steps=2, log_kl=False)
+    calls = []
+    tr.ref.register_forward_hook(lambda *a: calls.append(1))
+    h = tr.fit(progress=False)
+    assert not calls and all(math.isnan(x) for x in h["kl"])  # beta = 0 and no KL asked: the reference never runs
+    assert h["clip_frac"] == [0.0, 0.0]  # mu = 1: old log-probs are the current ones, detached
+    assert all(0 <= x <= 1 for x in h["truncated"]) and all(x >= 0 for x in h["entropy"])
+    frozen = copy.deepcopy(tr.ref)  # a copy of a frozen model trains when it becomes a policy
+    GRPOTrainer(frozen, tr.world, tr.config)
+    assert all(p.requires_grad for p in frozen.parameters())

@@ -147,3 +147,16 @@ def test_stop_sequences():
         assert hits in ([], [len(toks) - 1])
     with pytest.raises(ValueError):
         generate(model, PROMPTS, 5, stop_sequences=[[]])
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla", "v3"])
+def test_dropping_finished_rows_keeps_the_samples(kind):
+    """Rows that stop leave the batch and the cache; every live row still draws the same random numbers, so the
+    samples equal those of the engine that keeps every row to the end."""
+    model = MODELS[kind]()
+    prompts = PROMPTS * 6
+    kept = generate(model, prompts, 20, stop_ids=[2, 3, 4], seed=5, drop_finished=False)
+    dropped = generate(model, prompts, 20, stop_ids=[2, 3, 4], seed=5, drop_finished=True)
+    assert kept.lengths.min() < kept.lengths.max()  # some rows finished early, so rows were dropped
+    assert torch.equal(kept.tokens, dropped.tokens) and torch.equal(kept.mask, dropped.mask)
+    assert torch.allclose(kept.logprobs, dropped.logprobs, atol=1e-5)
