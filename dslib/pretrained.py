@@ -13,7 +13,10 @@ calls load it in a second.
 - A corrupt or incomplete entry (a truncated file, a missing file, a recipe that does not match its name) is **rebuilt**,
   with a warning that names the folder; `rebuild=True` forces a rebuild.
 
-`python -m dslib.pretrained` builds every cached model (the base model of seed 0) and prints where it is.
+Three models are cached this way: the base model (`base_model`, chapter 00's recipe), a second base model pretrained
+on a corpus where plain step-by-step solutions are common (`base_model(recipe=STEPS_RECIPE)`, chapter 06's contrast)
+and the R1-Zero model (`r1zero_model`: GRPO from the base model with chapter 06's recipe, for chapters 07 and later).
+`python -m dslib.pretrained` builds all three (seed 0) and prints where they are.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from dslib.train import TrainConfig, Trainer
 from dslib.transformer import Transformer, TransformerConfig
 from dslib.world import PackedData, World, WorldConfig
 
-__all__ = ["BaseRecipe", "BASE_RECIPE", "cache_dir", "base_world", "base_model", "base_model_path", "base_model_info",
-           "recipe_key"]
+__all__ = ["BaseRecipe", "BASE_RECIPE", "STEPS_MIX", "STEPS_RECIPE", "R1ZeroRecipe", "R1ZERO_RECIPE", "cache_dir",
+           "base_world", "base_model", "base_model_path", "base_model_info", "recipe_key", "r1zero_model",
+           "r1zero_model_path", "r1zero_model_info"]
 
 FORMAT_VERSION = 1  # bump when the stored layout or the training code changes what a recipe produces
 
@@ -85,6 +89,11 @@ class BaseRecipe:
 
 
 BASE_RECIPE = BaseRecipe()
+
+# The contrast of chapter 06 (shared WORLD.md notes: "12% guess-verify beside 27% careless plain steps"): plain
+# step-by-step solutions are common and the reflective style is rare. Same model, same training, another corpus.
+STEPS_MIX = {"bare": 0.56, "steps": 0.27, "guess_verify": 0.12, "slip_fix": 0.02, "slip": 0.03}
+STEPS_RECIPE = BaseRecipe(world={"mix": STEPS_MIX})
 
 
 def cache_dir() -> Path:
@@ -139,15 +148,19 @@ def _train(recipe: BaseRecipe, seed: int, progress: bool, device: torch.device) 
     return model, info
 
 
-def _load(path: Path, recipe: BaseRecipe, seed: int, device: torch.device) -> Transformer:
-    """Load a cached entry; CheckpointError when it is incomplete, corrupt or of another recipe."""
+def _read_recipe(path: Path, want: dict[str, Any]) -> None:
+    """CheckpointError unless the entry's recipe.json holds exactly `want`."""
     try:
         stored = json.loads((path / "recipe.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / 'recipe.json'}: missing or corrupt ({e})") from None
-    want = json.loads(json.dumps(_full_recipe(recipe, seed), default=list))
-    if not isinstance(stored, dict) or stored.get("recipe") != want:
+    if not isinstance(stored, dict) or stored.get("recipe") != json.loads(json.dumps(want, default=list)):
         raise CheckpointError(f"{path}: holds a model of another recipe")
+
+
+def _load_transformer(path: Path, want: dict[str, Any], device: torch.device) -> Transformer:
+    """Load a cached entry; CheckpointError when it is incomplete, corrupt or of another recipe."""
+    _read_recipe(path, want)
     config = read_config(path)
     try:
         model = Transformer(TransformerConfig(**config))
@@ -157,40 +170,14 @@ def _load(path: Path, recipe: BaseRecipe, seed: int, device: torch.device) -> Tr
     return model.to(device).eval()
 
 
-def base_model(seed: int = 0, progress: bool = True, device: torch.device | str | None = None, *,
-               rebuild: bool = False, _recipe: BaseRecipe | None = None) -> Transformer:
-    """The pretrained base model of the course (chapters 05 and 06 start from it), built once and then cached.
-
-    seed: the pretraining seed (weight initialisation and the order of the packed rows; the world is fixed).
-    progress: show the training progress bar when the model has to be built.
-    device: where the returned model lives (default: CPU). A build trains on this device (CPU: float32; CUDA: bf16
-        autocast, so a model built on a GPU is not bitwise the CPU's; either is cached under the same recipe).
-    rebuild: train again even when the cache holds the model.
-    _recipe: another recipe (for tests: a tiny one builds in seconds); it is cached under its own hash.
-
-    A corrupt or incomplete cache entry is rebuilt, with a warning naming it. Returns the model in eval mode; get its
-    world (tokenizer, problems, grading) with `base_world()`.
-    """
-    recipe = _recipe or BASE_RECIPE
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r} is invalid: a non-negative int is required")
-    device = torch.device(device or "cpu")
-    path = base_model_path(seed, recipe)
-    if path.exists() and not rebuild:
-        try:
-            return _load(path, recipe, seed, device)
-        except CheckpointError as e:
-            warnings.warn(f"cached base model at {path} is unusable ({e}); rebuilding it", stacklevel=2)
-    if progress:
-        print(f"building the base model (seed {seed}) into {path}")
-    model, info = _train(recipe, seed, progress, device)
+def _store(path: Path, model: Transformer, want: dict[str, Any], info: dict[str, Any], step: int) -> None:
+    """Write an entry in a temporary folder, then rename it into place (an interrupted build leaves nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp.chmod(0o755)
-        save_checkpoint(tmp, model, model.config.to_dict(), step=recipe.steps)
-        atomic_write_text(tmp / "recipe.json",
-                          json.dumps({"recipe": _full_recipe(recipe, seed), **info}, indent=2, default=list) + "\n")
+        save_checkpoint(tmp, model, model.config.to_dict(), step=step)
+        atomic_write_text(tmp / "recipe.json", json.dumps({"recipe": want, **info}, indent=2, default=list) + "\n")
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         try:
@@ -199,20 +186,139 @@ def base_model(seed: int = 0, progress: bool = True, device: torch.device | str 
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_seed(seed: Any) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} is invalid: a non-negative int is required")
+
+
+def _cached(path: Path, want: dict[str, Any], what: str, device: torch.device, rebuild: bool, progress: bool,
+            build) -> Transformer:
+    """Load the entry at path, or build it with build() -> (model, info, step) and store it."""
+    if path.exists() and not rebuild:
+        try:
+            return _load_transformer(path, want, device)
+        except CheckpointError as e:
+            warnings.warn(f"cached {what} at {path} is unusable ({e}); rebuilding it", stacklevel=3)
+    if progress:
+        print(f"building the {what} into {path}")
+    model, info, step = build()
+    _store(path, model, want, info, step)
     return model.to(device).eval()
+
+
+def base_model(seed: int = 0, progress: bool = True, device: torch.device | str | None = None, *,
+               rebuild: bool = False, recipe: BaseRecipe | None = None) -> Transformer:
+    """The pretrained base model of the course (chapters 05 and 06 start from it), built once and then cached.
+
+    seed: the pretraining seed (weight initialisation and the order of the packed rows; the world is fixed).
+    progress: show the training progress bar when the model has to be built.
+    device: where the returned model lives (default: CPU). A build trains on this device (CPU: float32; CUDA: bf16
+        autocast, so a model built on a GPU is not bitwise the CPU's; either is cached under the same recipe).
+    rebuild: train again even when the cache holds the model.
+    recipe: another recipe (STEPS_RECIPE: chapter 06's contrasting corpus; a tiny one builds in seconds, for tests);
+        each is cached under its own hash.
+
+    A corrupt or incomplete cache entry is rebuilt, with a warning naming it. Returns the model in eval mode; get its
+    world (tokenizer, problems, grading) with `base_world(recipe)`.
+    """
+    recipe = recipe or BASE_RECIPE
+    _check_seed(seed)
+    device = torch.device(device or "cpu")
+
+    def build():
+        model, info = _train(recipe, seed, progress, device)
+        return model, info, recipe.steps
+
+    return _cached(base_model_path(seed, recipe), _full_recipe(recipe, seed), f"base model (seed {seed})", device,
+                   rebuild, progress, build)
 
 
 def base_model_info(seed: int = 0, recipe: BaseRecipe = BASE_RECIPE) -> dict[str, Any]:
     """What was recorded when the cached base model was built (held-out loss, build time, ...); {} if not cached."""
+    return _info(base_model_path(seed, recipe))
+
+
+def _info(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((base_model_path(seed, recipe) / "recipe.json").read_text(encoding="utf-8"))
+        return json.loads((path / "recipe.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
 
 
+@dataclass(frozen=True)
+class R1ZeroRecipe:
+    """How the cached R1-Zero model is grown (chapter 06): GRPO from the base model of `base` (same seed), with R1-Zero's
+    rule rewards (accuracy 1 + format 0.1) and the GRPO settings `grpo` (GRPOConfig fields; the rest are defaults:
+    32 prompts x G = 8, 64 new tokens, Adam 2e-4, clip 0.2, mu = 1, beta 0)."""
+
+    base: BaseRecipe = BASE_RECIPE
+    grpo: dict[str, Any] = field(default_factory=lambda: {"steps": 100})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grpo, dict) or "seed" in self.grpo:
+            raise ValueError(f"R1ZeroRecipe.grpo={self.grpo!r} is invalid: a dict of GRPOConfig fields without "
+                             f"'seed' (the seed is r1zero_model's)")
+        self.grpo_config(0)  # validates the fields (ValueError naming the field)
+
+    def grpo_config(self, seed: int):
+        from dslib.grpo import GRPOConfig
+
+        return GRPOConfig(**{"log_kl": False, **self.grpo, "seed": seed})
+
+
+R1ZERO_RECIPE = R1ZeroRecipe()
+
+
+def _r1zero_full(recipe: R1ZeroRecipe, seed: int) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "kind": "r1zero", "seed": seed, "base": _full_recipe(recipe.base, seed),
+            "grpo": asdict(recipe.grpo_config(seed)), "rewards": {"accuracy": 1.0, "format": 0.1}}
+
+
+def r1zero_model_path(seed: int = 0, recipe: R1ZeroRecipe = R1ZERO_RECIPE) -> Path:
+    """The cache folder of the R1-Zero model of `seed` (it may not exist yet)."""
+    text = json.dumps(_r1zero_full(recipe, seed), sort_keys=True, default=list)
+    return cache_dir() / f"r1zero-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def r1zero_model(seed: int = 0, progress: bool = True, device: torch.device | str | None = None, *,
+                 rebuild: bool = False, recipe: R1ZeroRecipe | None = None) -> Transformer:
+    """The R1-Zero model of chapter 06: GRPO with rule rewards only, from `base_model(seed)`; built once (about 1.5
+    minutes on one CPU thread once the base model is cached), then loaded from the cache. Deterministic: the same
+    machine and thread count give the same weights. Arguments as for `base_model`."""
+    import copy
+
+    from dslib.grpo import GRPOTrainer
+
+    recipe = recipe or R1ZERO_RECIPE
+    _check_seed(seed)
+    device = torch.device(device or "cpu")
+
+    def build():
+        base = base_model(seed, progress, device, recipe=recipe.base)
+        config = recipe.grpo_config(seed)
+        trainer = GRPOTrainer(copy.deepcopy(base), base_world(recipe.base), config, ref_model=base)
+        t0 = time.time()
+        hist = trainer.fit(progress=progress)
+        last = slice(-10, None)
+        info = {"build_seconds": round(time.time() - t0, 1), "parameters": trainer.model.num_params(),
+                "train_accuracy_last10": sum(hist["accuracy"][last]) / len(hist["accuracy"][last]),
+                "train_length_last10": sum(hist["length"][last]) / len(hist["length"][last])}
+        return trainer.model, info, config.steps
+
+    return _cached(r1zero_model_path(seed, recipe), _r1zero_full(recipe, seed), f"R1-Zero model (seed {seed})",
+                   device, rebuild, progress, build)
+
+
+def r1zero_model_info(seed: int = 0, recipe: R1ZeroRecipe = R1ZERO_RECIPE) -> dict[str, Any]:
+    """What was recorded when the cached R1-Zero model was built; {} if not cached."""
+    return _info(r1zero_model_path(seed, recipe))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Build (or find) every cached dslib model and print where it is.")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0], help="pretraining seeds of the base model")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0], help="pretraining seeds of the models")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: the model is tiny, and one thread suffers least on a busy machine)")
     p.add_argument("--rebuild", action="store_true")
@@ -221,11 +327,17 @@ def main(argv: list[str] | None = None) -> None:
 
     dslib.setup(0, threads=args.threads, quiet=True)
     for seed in args.seeds:
+        for name, recipe in (("base model", BASE_RECIPE), ("steps-mix base model", STEPS_RECIPE)):
+            t0 = time.time()
+            base_model(seed, progress=True, rebuild=args.rebuild, recipe=recipe)
+            info = base_model_info(seed, recipe)
+            print(f"{name} seed {seed}: {base_model_path(seed, recipe)} ({time.time() - t0:.1f} s; held-out loss "
+                  f"{info.get('heldout_loss', float('nan')):.3f}, built in {info.get('build_seconds', 0):.0f} s)")
         t0 = time.time()
-        base_model(seed, progress=True, rebuild=args.rebuild)
-        info = base_model_info(seed)
-        print(f"base model seed {seed}: {base_model_path(seed)} ({time.time() - t0:.1f} s; held-out loss "
-              f"{info.get('heldout_loss', float('nan')):.3f}, built in {info.get('build_seconds', 0):.0f} s)")
+        r1zero_model(seed, progress=True, rebuild=args.rebuild)
+        info = r1zero_model_info(seed)
+        print(f"R1-Zero model seed {seed}: {r1zero_model_path(seed)} ({time.time() - t0:.1f} s; built in "
+              f"{info.get('build_seconds', 0):.0f} s)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dslib.pretrained import (BASE_RECIPE, BaseRecipe, base_model, base_model_info, base_model_path, base_world,
-                              cache_dir, recipe_key)
+from dslib.pretrained import (BASE_RECIPE, STEPS_RECIPE, BaseRecipe, R1ZeroRecipe, base_model, base_model_info,
+                              base_model_path, base_world, cache_dir, r1zero_model, r1zero_model_info,
+                              r1zero_model_path, recipe_key)
 
 TINY = BaseRecipe(world={"n_docs": 300}, d_model=16, n_layer=1, n_head=2, seq_len=96, batch_size=4, steps=6,
                   warmup_steps=2)
@@ -36,16 +37,16 @@ def test_cache_dir_from_env(tmp_cache, monkeypatch):
 def test_build_then_load(tmp_cache):
     path = base_model_path(0, TINY)
     assert path.parent == tmp_cache and not path.exists()
-    a = base_model(0, progress=False, _recipe=TINY)
+    a = base_model(0, progress=False, recipe=TINY)
     assert path.is_dir() and {"model.safetensors", "config.json", "recipe.json"} <= {p.name for p in path.iterdir()}
     assert not [p for p in tmp_cache.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     info = base_model_info(0, TINY)
     assert info["recipe"]["seed"] == 0 and info["heldout_loss"] > 0
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    b = base_model(0, progress=False, _recipe=TINY)
+    b = base_model(0, progress=False, recipe=TINY)
     assert same(a, b) and (path / "model.safetensors").stat().st_mtime_ns == mtime  # loaded, not retrained
     assert not b.training and b.config.d_model == 16
-    c = base_model(0, progress=False, rebuild=True, _recipe=TINY)
+    c = base_model(0, progress=False, rebuild=True, recipe=TINY)
     assert same(a, c)  # deterministic: a rebuild gives the same weights
 
 
@@ -57,16 +58,16 @@ def test_recipe_and_seed_change_the_key():
 
 
 def test_stale_recipe_is_never_loaded(tmp_cache):
-    base_model(0, progress=False, _recipe=TINY)
+    base_model(0, progress=False, recipe=TINY)
     other = BaseRecipe(**{**TINY.__dict__, "steps": 7})
-    base_model(0, progress=False, _recipe=other)
+    base_model(0, progress=False, recipe=other)
     assert base_model_path(0, TINY) != base_model_path(0, other)
     assert base_model_info(0, other)["recipe"]["train"]["steps"] == 7
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "recipe"])
 def test_corrupt_entry_is_rebuilt_with_a_warning(damage):
-    a = base_model(0, progress=False, _recipe=TINY)
+    a = base_model(0, progress=False, recipe=TINY)
     path = base_model_path(0, TINY)
     if damage == "truncate":
         f = path / "model.safetensors"
@@ -76,9 +77,9 @@ def test_corrupt_entry_is_rebuilt_with_a_warning(damage):
     else:
         (path / "recipe.json").write_text("{not json")
     with pytest.warns(UserWarning, match="rebuilding"):
-        b = base_model(0, progress=False, _recipe=TINY)
+        b = base_model(0, progress=False, recipe=TINY)
     assert same(a, b)
-    base_model(0, progress=False, _recipe=TINY)  # healthy again: loads without a warning
+    base_model(0, progress=False, recipe=TINY)  # healthy again: loads without a warning
 
 
 def test_validation():
@@ -87,5 +88,38 @@ def test_validation():
     with pytest.raises(ValueError, match="n_docs"):
         BaseRecipe(world={"n_docs": -1})
     with pytest.raises(ValueError, match="seed"):
-        base_model(-1, _recipe=TINY)
+        base_model(-1, recipe=TINY)
     assert base_world(TINY).config.n_docs == 300
+
+
+TINY_R1ZERO = R1ZeroRecipe(base=TINY, grpo={"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8})
+
+
+def test_r1zero_model_builds_deterministically_then_loads(tmp_cache):
+    a = r1zero_model(0, progress=False, recipe=TINY_R1ZERO)
+    path = r1zero_model_path(0, TINY_R1ZERO)
+    assert path.is_dir() and base_model_path(0, TINY).is_dir()  # its base model was built (and cached) first
+    info = r1zero_model_info(0, TINY_R1ZERO)
+    assert info["recipe"]["kind"] == "r1zero" and info["recipe"]["grpo"]["steps"] == 2
+    assert 0 <= info["train_accuracy_last10"] <= 1 and info["build_seconds"] >= 0  # what the GRPO run recorded
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+    b = r1zero_model(0, progress=False, recipe=TINY_R1ZERO)
+    assert same(a, b) and (path / "model.safetensors").stat().st_mtime_ns == mtime  # loaded, not retrained
+    c = r1zero_model(0, progress=False, rebuild=True, recipe=TINY_R1ZERO)
+    assert same(a, c)  # deterministic
+    (path / "recipe.json").write_text("{}")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        d = r1zero_model(0, progress=False, recipe=TINY_R1ZERO)
+    assert same(a, d)
+
+
+def test_r1zero_recipe_keys_and_validation():
+    other = R1ZeroRecipe(base=TINY, grpo={**TINY_R1ZERO.grpo, "lr": 1e-4})
+    assert r1zero_model_path(0, TINY_R1ZERO) != r1zero_model_path(0, other) != r1zero_model_path(1, other)
+    with pytest.raises(ValueError, match="seed"):
+        R1ZeroRecipe(grpo={"seed": 3})
+    with pytest.raises(ValueError, match="group_size"):
+        R1ZeroRecipe(grpo={"group_size": 1})
+    # The contrast corpus of chapter 06 is another recipe, with the same held-out problems.
+    assert recipe_key(0, STEPS_RECIPE) != recipe_key(0, BASE_RECIPE)
+    assert [p.text for p in base_world(STEPS_RECIPE).heldout] == [p.text for p in base_world().heldout]
