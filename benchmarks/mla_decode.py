@@ -3,6 +3,8 @@
 Contenders, in one process, at the same width and number of heads, decoding a batch of 8 sequences after a context
 of 4096 tokens:
 - MHA: dslib.transformer.Transformer with its KVCache (keys and values of every head);
+- GQA: the same Transformer with n_head / 4 key-value heads (each serves 4 query heads; the cache is read in place,
+  not repeated per query head);
 - MLA absorbed: dslib.mla.MLATransformer, mode "absorb" (attends to the cached latents directly);
 - MLA naive: the same model and cache, mode "naive" (decompresses keys and values of every cached token each step).
 
@@ -50,6 +52,9 @@ def main() -> None:
     mla_cfg = MLATransformerConfig(vocab_size=vocab, d_model=d, n_layer=n_layer, n_head=h, kv_lora_rank=4 * dh,
                                    qk_nope_head_dim=dh, qk_rope_head_dim=dh // 2, v_head_dim=dh, max_seq_len=total)
     mla = MLATransformer(mla_cfg)
+    n_kv = max(1, h // 4)
+    gqa = Transformer(TransformerConfig(vocab_size=vocab, d_model=d, n_layer=n_layer, n_head=h, n_kv_head=n_kv,
+                                        max_seq_len=total))
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (b, ctx), generator=gen).to(device)
     steps = torch.randint(0, vocab, (b, args.steps), generator=gen).to(device)
@@ -60,17 +65,20 @@ def main() -> None:
         mha.to(device).eval()
         caches["MHA"] = KVCache(mha.config, b, total, device=device)
         mha(prefix, cache=caches["MHA"])
+        gqa.to(device).eval()
+        caches["GQA"] = KVCache(gqa.config, b, total, device=device)
+        gqa(prefix, cache=caches["GQA"])
         mla.to(device).eval()
         mla.mode = "naive"  # prefill through the fused attention kernel; both modes read the same cache
         caches["MLA"] = mla.new_cache(b, total)
         mla(prefix, cache=caches["MLA"])
-    print(f"prefill of {b} x {ctx} tokens for both models: {time.perf_counter() - t0:.1f} s")
+    print(f"prefill of {b} x {ctx} tokens for the three models: {time.perf_counter() - t0:.1f} s")
 
     def sync() -> None:  # GPU calls return before the work is done
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    contenders = {"MHA": (mha, "MHA", None), "MLA absorbed": (mla, "MLA", "absorb"),
+    contenders = {"MHA": (mha, "MHA", None), "GQA": (gqa, "GQA", None), "MLA absorbed": (mla, "MLA", "absorb"),
                   "MLA naive": (mla, "MLA", "naive")}
 
     def decode(name: str) -> tuple[float, torch.Tensor]:
@@ -104,10 +112,10 @@ def main() -> None:
     assert torch.allclose(outputs["MLA absorbed"], outputs["MLA naive"], rtol=1e-4, atol=1e-4), err
     print(f"MLA absorbed vs naive logits: max |difference| {err:.1e} (logits up to {scale:.1f}): same")
 
-    shape = dict(n_head=h, head_dim=dh, kv_lora_rank=4 * dh, qk_rope_head_dim=dh // 2)
-    per_token = {"MHA": kv_cache_bytes("MHA", n_layer=n_layer, dtype=torch.float32, **shape),
-                 "MLA": kv_cache_bytes("MLA", n_layer=n_layer, dtype=torch.float32, **shape)}
-    for name in ("MHA", "MLA"):
+    shape = dict(n_head=h, n_kv_head=n_kv, head_dim=dh, kv_lora_rank=4 * dh, qk_rope_head_dim=dh // 2)
+    per_token = {kind: kv_cache_bytes(kind, n_layer=n_layer, dtype=torch.float32, **shape)
+                 for kind in ("MHA", "GQA", "MLA")}
+    for name in ("MHA", "GQA", "MLA"):
         assert caches[name].nbytes() == per_token[name] * b * total  # allocated bytes == Table 1's formula
     tok_s = {name: b * args.steps / statistics.median(s) for name, s in seconds.items()}
     print(f"\n{'contender':<14}{'tokens/s':>10}{'ms/step':>10}{'vs MHA':>9}{'cache at ' + str(ctx):>16}"
@@ -118,6 +126,7 @@ def main() -> None:
               f"{tok_s[name] / tok_s['MHA']:>8.2f}x{mib:>12.1f} MiB{per_token[cache_name] / 1024:>8.2f} KiB")
     print(f"\ncache: MHA / MLA = {per_token['MHA'] / per_token['MLA']:.2f}x; "
           f"absorbed / naive MLA speed = {tok_s['MLA absorbed'] / tok_s['MLA naive']:.2f}x")
+    print(f"gqa decode speedup vs mha: {tok_s['GQA'] / tok_s['MHA']:.2f}x ({n_kv} key-value heads for {h} query heads)")
     print(f"mla absorbed decode speedup vs mha: {tok_s['MLA absorbed'] / tok_s['MHA']:.2f}x")
 
 

@@ -1337,10 +1337,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (b, h_kv, past + t, d)
-        if c.n_kv_head != c.n_head:  # GQA: repeat each KV head for its group of query heads
-            k = k.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
-            v = v.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
+        g = c.n_head // c.n_kv_head
+        if g > 1 and cache is not None and (mask is None or mask.shape[1] == 1):
+            # GQA with a cache: fold each group's g query heads into the rows of its one KV head, so the cache is read
+            # as it is instead of being copied g times per step. Rows are ordered (query head in group, position).
+            b, _, t, dh = q.shape
+            if mask is not None:
+                mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * t, mask.shape[-1])
+            y = F.scaled_dot_product_attention(q.reshape(b, c.n_kv_head, g * t, dh), k, v, attn_mask=mask)
+            y = y.reshape(b, c.n_head, t, dh)
+        else:
+            if g > 1:  # GQA without a cache (training): repeat each KV head for its group of query heads
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None)
         return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
