@@ -1,13 +1,18 @@
 """Rollout speed of dslib.sampling's KV-cached engine against generation without a KV cache (chapter 05).
 
 Contenders, in one process, on the same model and the same prompts, with the same seed:
-- engine: dslib.sampling.generate (left-padded batch, one prefill, then one token per step from the KV cache);
+- engine: dslib.sampling.generate (left-padded batch, one prefill, then one token per step from the KV cache; rows
+  that have finished leave the batch and the cache);
+- engine, keep rows: the same with drop_finished=False (every row runs to the longest completion);
 - uncached: dslib.sampling.generate_uncached (the same sampling, but every step runs the whole sequence again).
 
-The model is the course's base model's shape (width 96, 4 layers, 4 heads, context 96) with random weights, and no
-stop token, so both generate exactly max_new_tokens per row; the prompts are GRPO's (the arithmetic world's, prompts of
-different lengths, each repeated G times). Both must draw the same tokens. Rounds alternate between the contenders, and
-the median round counts. Prints tokens per second and the ratio; the last line is the headline ratio.
+Two workloads. "fixed length": the course's base model's shape (width 96, 4 layers, 4 heads, context 96) with random
+weights and no stop token, so every row generates exactly max_new_tokens. "GRPO": the cached base model itself
+(dslib.pretrained.base_model, built if missing) with the world's </answer> stop token, so completions have the lengths
+GRPO sees (short bare answers beside long reflective ones). The prompts are GRPO's (the arithmetic world's, prompts of
+different lengths, each repeated G times). All contenders must draw the same tokens. Rounds alternate between the
+contenders, and the median round counts. Prints tokens per second and ratios; the last line is the headline ratio, on
+the GRPO workload.
 
     python benchmarks/rollout.py [--prompts 32] [--group 8] [--new 64] [--rounds 2] [--threads 1]
 """
@@ -50,25 +55,38 @@ def main() -> None:
           f"({args.prompts} prompts x G={args.group}) of {args.new} new tokens, prompt lengths {lengths[0]}-"
           f"{lengths[-1]}, {model.num_params():,} parameters")
 
-    times = {"engine": [], "uncached": []}
-    runs = {"engine": lambda: generate(model, prompts, args.new, seed=1, pad_id=tok.pad_id),
-            "uncached": lambda: generate_uncached(model, prompts, args.new, seed=1, pad_id=tok.pad_id)}
-    outs = {}
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            outs[name] = run()
-            times[name].append(time.perf_counter() - t0)
-    a, b = outs["engine"], outs["uncached"]
-    same = torch.equal(a.tokens, b.tokens) and torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
-    agree = float((a.tokens == b.tokens).float().mean())
-    print(f"same tokens and log-probabilities: {same} (token agreement {agree:.4f})")
-    n_tokens = int(a.mask.sum())
-    tps = {k: n_tokens / statistics.median(v) for k, v in times.items()}
-    for k in runs:
-        print(f"{k:>9}: {tps[k]:>10,.0f} tokens/s  (median of {args.rounds} rounds, {statistics.median(times[k]):.2f} s)")
-    print(f"rollout speedup vs uncached: {tps['engine'] / tps['uncached']:.2f}x")
+    from dslib.pretrained import base_model
 
-
-if __name__ == "__main__":
-    main()
+    stop = [tok.id("</answer>")]
+    workloads = {"fixed length": (model, []), "GRPO": (base_model(0, device=device).eval(), stop)}
+    speedup = 0.0
+    for label, (net, stop_ids) in workloads.items():
+        runs = {"engine": lambda: generate(net, prompts, args.new, seed=1, pad_id=tok.pad_id, stop_ids=stop_ids),
+                "engine, keep rows": lambda: generate(net, prompts, args.new, seed=1, pad_id=tok.pad_id,
+                                                      stop_ids=stop_ids, drop_finished=False),
+                "uncached": lambda: generate_uncached(net, prompts, args.new, seed=1, pad_id=tok.pad_id,
+                                                      stop_ids=stop_ids)}
+        times = {k: [] for k in runs}
+        outs = {}
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                outs[name] = run()
+                times[name].append(time.perf_counter() - t0)
+        a = outs["engine"]
+        n_tokens = int(a.mask.sum())
+        print(f"\n{label} workload: {n_tokens:,} completion tokens (mean length {a.lengths.float().mean():.1f})")
+        for other in ("engine, keep rows", "uncached"):
+            b = outs[other]
+            same = (torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+                    and torch.allclose(a.logprobs, b.logprobs, atol=1e-4))
+            agree = float((a.tokens == b.tokens).float().mean())
+            print(f"  engine vs {other}: same tokens and log-probabilities: {same} (token agreement {agree:.4f})")
+        tps = {k: n_tokens / statistics.median(v) for k, v in times.items()}
+        for k in runs:
+            print(f"  {k:>17}: {tps[k]:>10,.0f} tokens/s  (median of {args.rounds} rounds, "
+                  f"{statistics.median(times[k]):.2f} s)")
+        print(f"  dropping finished rows: {tps['engine'] / tps['engine, keep rows']:.2f}x")
+        speedup = tps["engine"] / tps["uncached"]
+        print(f"  {label}: rollout speedup vs uncached: {speedup:.2f}x; engine {tps['engine']:,.0f} tokens/s")
+    print(f"rollout speedup vs uncached: {speedup:.2f}x")
