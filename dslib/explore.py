@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any
 
-__all__ = ["static_mode", "in_kernel", "explore", "default_value", "STATIC_MESSAGE"]
+__all__ = ["static_mode", "in_kernel", "explore", "default_value", "start_value", "STATIC_MESSAGE"]
 
 STATIC_MESSAGE = (
     "Static view (no widget front end): showing the defaults; open the notebook in Jupyter to move the controls."
@@ -96,18 +96,47 @@ def default_value(control: Any) -> Any:
     return control
 
 
+def start_value(fn: Callable[..., Any], name: str, control: Any) -> Any:
+    """The value `ipywidgets.interact(fn, name=control)` shows first: for a slider, fn's own default for `name` (when it
+    has one) clamped into the slider's range; for a dropdown, fn's default when it is among the options; otherwise
+    (a widget, a checkbox, a text box, or no default) `default_value(control)`."""
+    import inspect
+
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        param = None
+    if param is None or param.default is inspect.Parameter.empty or _is_widget(control):
+        return default_value(control)
+    own = param.default
+    if isinstance(control, tuple) and len(control) in (2, 3) and all(
+        isinstance(x, Real) and not isinstance(x, bool) for x in control
+    ):
+        if not isinstance(own, Real) or isinstance(own, bool):
+            return default_value(control)
+        low, high = control[0], control[1]
+        value = min(max(own, low), high)
+        return int(value) if all(isinstance(x, int) for x in control) else float(value)
+    if isinstance(control, list):
+        return own if own in control else default_value(control)
+    if isinstance(control, Mapping):
+        return own if own in list(control.values()) else default_value(control)
+    return default_value(control)
+
+
 def explore(fn: Callable[..., Any], /, **controls: Any) -> Any:
     """Show `fn` with a control per keyword argument, or, in static mode, call it once with the defaults.
 
     controls: ipywidgets widgets, or anything `ipywidgets.interact` accepts: (min, max[, step]) tuples for sliders,
         lists (or dicts) for dropdowns, bools for checkboxes, plain values for text boxes.
     With widgets this is `ipywidgets.interact(fn, **controls)` and returns what interact returns; in static mode it
-    prints a one-line notice, calls `fn(**defaults)` and returns its result.
+    prints a one-line notice, calls fn with the values the widgets would show first (`start_value`: fn's own
+    defaults where the controls can show them) and returns its result.
     """
     if not callable(fn):
         raise TypeError(f"explore needs a function to call, got {type(fn).__name__}")
     if static_mode():
-        defaults = {name: default_value(control) for name, control in controls.items()}
+        defaults = {name: start_value(fn, name, control) for name, control in controls.items()}
         print(STATIC_MESSAGE)
         return fn(**defaults)
     import ipywidgets

@@ -12,7 +12,7 @@ import pytest
 
 from dslib import book
 from dslib.book import BookError, Ledger, check, export, find_root, load_book, main
-from dslib.explore import default_value, explore, static_mode
+from dslib.explore import default_value, explore, start_value, static_mode
 
 REPO = "https://github.com/example/demo-book"
 REAL_ROOT = Path(__file__).resolve().parents[1]
@@ -352,6 +352,24 @@ def test_default_value_matches_interact(control: object) -> None:
     ipywidgets = pytest.importorskip("ipywidgets")
     widget = ipywidgets.interactive(lambda x: None, x=control).children[0]
     assert default_value(control) == widget.value
+
+
+def test_static_view_starts_where_the_widgets_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ipywidgets starts a control at the function's own default when the control can show it: so does the static
+    view (a default outside the range, or not among the options, falls back to the control's default)."""
+    ipywidgets = pytest.importorskip("ipywidgets")
+
+    def draw(step=20, problem=0, scale=0.5, mode="moe", far=99, off=3, other="x", grid=False, text="zz"):
+        return step, problem, scale, mode, far, off, other, grid, text
+
+    controls = dict(step=(0, 40, 5), problem=(0, 99, 1), scale=(0.0, 2.0), mode=["dense", "moe"], far=(0, 10),
+                    off=(0, 10, 4), other=["a", "b"], grid=True, text="y")
+    shown = {c.description: c.value for c in ipywidgets.interactive(draw, **controls).children[:-1]}
+    assert {name: start_value(draw, name, control) for name, control in controls.items()} == shown
+    # The function's defaults win on sliders (clamped, not snapped) and dropdowns; the control's own value elsewhere.
+    assert shown == dict(step=20, problem=0, scale=0.5, mode="moe", far=10, off=3, other="a", grid=True, text="y")
+    monkeypatch.setenv("DSLIB_STATIC", "1")
+    assert explore(draw, **controls) == tuple(shown.values())
 
 
 def test_static_mode_outside_a_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
