@@ -619,7 +619,8 @@ RUNS = build_dir() / "runs" / "06"
 shutil.rmtree(RUNS, ignore_errors=True)  # a fresh run each time the chapter runs
 policy = copy.deepcopy(base)
 t0 = time.time()
-r1z = run_r1zero(policy, world, GRPOConfig(steps=SIZES["rl_steps"], seed=0), eval_problems=curve_problems,
+R1Z_CONFIG = GRPOConfig(steps=SIZES["rl_steps"], seed=0, log_kl=True)  # log_kl: plot the KL to the base (beta = 0)
+r1z = run_r1zero(policy, world, R1Z_CONFIG, eval_problems=curve_problems,
                  eval_k=SIZES["curve_k"], checkpoint_dir=RUNS / "r1zero", checkpoint_every=SIZES["every"],
                  ref_model=base)
 rl_seconds = time.time() - t0
@@ -641,7 +642,7 @@ print(f"checkpoints: {[p.name for _, p in r1z.checkpoints()]}")
 
 # %%
 check_model = copy.deepcopy(base)
-resumed = GRPOTrainer(check_model, world, GRPOConfig(steps=SIZES["rl_steps"], seed=0), ref_model=base)
+resumed = GRPOTrainer(check_model, world, R1Z_CONFIG, ref_model=base)
 resumed.resume(RUNS / "r1zero" / f"step-{SIZES['every']:06d}")
 resumed.fit(steps=2, progress=False)
 keys = [k for k in hist if k != "seconds"]
@@ -830,7 +831,7 @@ same_heldout = [p.text for p in steps_world.heldout] == [p.text for p in world.h
 steps_base = base_model(seed=0, device=device, recipe=STEPS_RECIPE)
 t0 = time.time()
 steps_run = run_r1zero(copy.deepcopy(steps_base), steps_world,
-                       GRPOConfig(steps=SIZES["steps_mix_rl"], seed=0, log_kl=False), eval_problems=curve_problems,
+                       GRPOConfig(steps=SIZES["steps_mix_rl"], seed=0), eval_problems=curve_problems,
                        eval_k=SIZES["curve_k"], checkpoint_every=SIZES["every"], ref_model=steps_base)
 print(f"R1-Zero on the steps-mix base: {SIZES['steps_mix_rl']} steps in {time.time() - t0:.0f} s "
       f"(same held-out problems: {same_heldout})")
@@ -966,7 +967,7 @@ def model_at(step: int):
     """The policy saved at `step` (loaded once, then kept)."""
     if step not in _loaded:
         m = copy.deepcopy(base)
-        GRPOTrainer(m, world, GRPOConfig(steps=SIZES["rl_steps"], seed=0), ref_model=base).resume(
+        GRPOTrainer(m, world, R1Z_CONFIG, ref_model=base).resume(
             RUNS / "r1zero" / f"step-{step:06d}")
         _loaded[step] = m
     return _loaded[step]

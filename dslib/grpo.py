@@ -128,7 +128,7 @@ class GRPOConfig:
     scale: str = "group"
     grad_clip: float = 1.0
     seed: int = 0
-    log_kl: bool = True  # run the reference model to log the KL even when beta = 0 (it costs one forward pass)
+    log_kl: bool = False  # with beta = 0, still run the reference model to log the KL (one more forward pass)
 
     def __post_init__(self) -> None:
         def bad(name, allowed):
