@@ -614,20 +614,16 @@ objective with the k3 KL estimator, the loss normalisations of GRPO, Dr. GRPO an
 from __future__ import annotations
 
 import copy
-import json
-import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from dslib.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, save_checkpoint
+from dslib.checkpoint import StepCheckpoints
 from dslib.rewards import Rewards, accuracy_reward, reflects, style_of
 from dslib.sampling import Rollout, generate, rollout_logprobs
 from dslib.world import Problem, prompt
@@ -772,7 +768,9 @@ for loss_type in LOSS_TYPES:
 # retrain either): per step, sample problems, roll out $G$ completions each from the current policy (which is
 # $\pi_{\theta_{old}}$ for this batch), score, compute advantages, take $\mu$ gradient steps. The reference model is a
 # frozen copy of the start. Its docstring explains a puzzle you will see in the logs: the loss sits near zero while
-# the policy learns.
+# the policy learns. `step_record` gathers what each step logs; the checkpoint plumbing (numbered `step-NNNNNN/`
+# folders, written atomically, resumed exactly: chapter 06 runs RL long enough to need it) is `dslib.checkpoint`'s
+# `StepCheckpoints`, so the trainer's cell holds only the algorithm and its loop.
 
 # %%
 #| export
@@ -829,7 +827,29 @@ class GRPOConfig:
 
 # %%
 #| export
-class GRPOTrainer:
+def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, texts: list[str], group_size: int,
+                stop_id: int, stats: dict, kl_logged: bool, loss: torch.Tensor, grad_norm: torch.Tensor,
+                seconds: float) -> dict[str, float]:
+    """What GRPOTrainer logs about one step (see its docstring for each entry)."""
+    lengths = roll.lengths.float()
+    right = torch.tensor(scores["accuracy"], device=lengths.device) > 0
+    groups = rewards.view(-1, group_size)
+    last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return {"step": step, "reward": float(rewards.mean()),
+            **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
+            "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
+            "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
+            "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
+            "reflection": sum(reflects(t) for t in texts) / len(texts),
+            "truncated": float((last != stop_id).float().mean()),
+            "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
+            "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
+            "kl": stats["kl"] if kl_logged else float("nan"), "clip_frac": stats["clip_frac"],
+            "loss": float(loss.detach()), "grad_norm": float(grad_norm), "seconds": seconds}
+
+# %%
+#| export
+class GRPOTrainer(StepCheckpoints):
     """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model.
 
     Each step draws `prompts_per_step` training problems, samples `group_size` completions of each from the current
@@ -913,71 +933,12 @@ class GRPOTrainer:
                                                        c.grad_clip if c.grad_clip > 0 else float("inf"))
             self.optimizer.step()
         self.model.eval()
-        lengths = roll.lengths.float()
-        right = torch.tensor(scores["accuracy"], device=self.device) > 0
-        groups = rewards.view(-1, c.group_size)
-        last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
-        rec = {"step": self.step + 1, "reward": float(rewards.mean()),
-               **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
-               "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
-               "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
-               "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
-               "reflection": sum(reflects(t) for t in texts) / len(texts),
-               "truncated": float((last != self.stop_id).float().mean()),
-               "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
-               "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
-               "kl": stats["kl"] if ref_lp is not None else float("nan"), "clip_frac": stats["clip_frac"],
-               "loss": float(loss.detach()), "grad_norm": float(grad_norm), "seconds": time.time() - t0}
+        rec = step_record(self.step + 1, rewards, scores, roll, texts, c.group_size, self.stop_id, stats,
+                          ref_lp is not None, loss, grad_norm, time.time() - t0)
         for k, v in rec.items():
             self.history.setdefault(k, []).append(v)
         self.step += 1
         return rec
-
-    # -- checkpoints (plumbing: the format is dslib.checkpoint's) --
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """The complete checkpoints in checkpoint_dir, as (step, folder), oldest first."""
-        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
-            return []
-        found = []
-        for d in self.checkpoint_dir.glob("step-*"):
-            if d.is_dir() and d.name[5:].isdigit() and (d / "trainer.safetensors").exists():
-                found.append((int(d.name[5:]), d))
-        return sorted(found)
-
-    def save(self) -> Path:
-        """Write the checkpoint of the current step (see the class docstring); returns its folder."""
-        if self.checkpoint_dir is None:
-            raise ValueError("this GRPOTrainer has no checkpoint_dir")
-        final = self.checkpoint_dir / f"step-{self.step:06d}"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
-        try:
-            state = {"history": self.history, "evals": self.evals, "config": asdict(self.config)}
-            cfg = self.model.config.to_dict() if hasattr(self.model, "config") else {}
-            save_checkpoint(tmp, self.model, cfg, self.optimizer, state, step=self.step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
-
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from a checkpoint folder (default: the latest in checkpoint_dir). Returns whether one was loaded.
-        A checkpoint saved with another GRPOConfig is refused (CheckpointError), before anything is loaded."""
-        if path is None:
-            found = self.checkpoints()
-            if not found:
-                return False
-            path = found[-1][1]
-        saved = read_trainer_state(path)
-        if saved.get("config") != json.loads(json.dumps(asdict(self.config))):
-            raise CheckpointError(f"{path}: saved with another GRPOConfig ({saved.get('config')}); resume with the "
-                                  f"same config or use a new checkpoint_dir")
-        state = load_checkpoint(path, self.model, self.optimizer)
-        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
-        self.model.eval()
-        return True
 
     def _checkpoint(self, on_checkpoint: Callable | None) -> None:
         """Save (when there is a folder), then evaluate: a crash in the evaluation loses no training."""
@@ -1547,16 +1508,79 @@ for k, v in closing.items():
 # %% [markdown]
 # ## Exercises
 #
-# 1. **More updates per batch.** Set `mu=4` (DeepSeekMath's iterative setting). Now the ratio moves away from 1: log
-#    the clip fraction and the loss. Does the reward rise faster per rollout? Per second?
-# 2. **The KL anchor.** Rerun section 6 with `beta=0.04` and `beta=0.2`. Plot the k3 KL and the held-out accuracy.
+# Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project).
+#
+# 1. ★★ **More updates per batch.** Set `mu=4` (DeepSeekMath's iterative setting). Now the ratio moves away from 1:
+#    log the clip fraction and the loss. Does the reward rise faster per rollout? Per second?
+#
+#    <details><summary>Hint</summary>With mu > 1 the trainer compares against the sampler's log-probabilities
+#    (`roll.logprobs`), so the second to fourth updates see ratios other than 1 and the clip can act.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    t4 = GRPOTrainer(copy.deepcopy(policy), world, GRPOConfig(steps=RL["steps"], mu=4, seed=0))
+#    h4 = t4.fit()
+#    print(max(h4["clip_frac"]), np.mean(h4["reward"][-5:]), sum(h4["seconds"]))
+#    ```
+#    Expect a clip fraction above 0 and a loss away from 0 (the ratio now moves). Each batch of rollouts is used four times, so
+#    the reward per rollout can rise faster; each step costs about four backward passes more, so compare the reward
+#    against `np.cumsum(h4["seconds"])` too before calling it faster.
+#    </details>
+#
+# 2. ★★ **The KL anchor.** Rerun section 6 with `beta=0.04` and `beta=0.2`. Plot the k3 KL and the held-out accuracy.
 #    What does the pre-study's "beta = 0.02 changed nothing" mean in terms of the KL you measure?
-# 3. **Dynamic sampling.** Add DAPO's dynamic sampling to `GRPOTrainer`: sample more problems than needed, drop the
-#    groups with all-equal rewards, and fill the batch with the others. Compare the reward per second.
-# 4. **Mean-only advantages.** Train with `scale="none"`. Which groups lose weight compared with the std-scaled form?
-#    (Hint: look at groups with one correct answer out of eight.)
-# 5. **A reward hack.** Add a reward part that pays 0.5 for any completion containing " wait ". Train, and measure
+#
+#    <details><summary>Hint</summary>The penalty per token is beta times k3; compare it with the size of an advantage
+#    (about 1).</details>
+#    <details><summary>Solution</summary>
+#
+#    Run `GRPOConfig(steps=RL["steps"], beta=b, seed=0)` for each `b` and plot `history["kl"]`. With a KL of order
+#    0.1 per token (compare the end of section 6's KL curve), beta = 0.02 adds a penalty near 0.002 per token against
+#    advantages of order 1: too small to change the direction of the update, which is what "changed nothing" means. A large beta keeps the
+#    KL lower and slows the rise of the reward, trading progress for staying near the reference.
+#    </details>
+#
+# 3. ★★★ **Dynamic sampling.** Add DAPO's dynamic sampling to `GRPOTrainer`: sample more problems than needed, drop
+#    the groups with all-equal rewards, and fill the batch with the others. Compare the reward per second.
+#
+#    <details><summary>Hint</summary>Subclass `GRPOTrainer` and override `train_step`; a `Rollout` is a dataclass of
+#    tensors whose first dimension is the row, so a subset of rows is `Rollout(*(t[rows] for t in ...))`.</details>
+#    <details><summary>Solution</summary>
+#
+#    Roll out twice the prompts, score them, compute `groups = rewards.view(-1, G)` and keep the rows of the first
+#    `prompts_per_step` groups with `groups.max(-1).values > groups.min(-1).values`; build the smaller `Rollout` from
+#    those rows (prompt ids and mask, tokens, log-probs, mask) and take the loss on it. Rollouts now cost about twice as
+#    much, but no group is wasted; the gain per second grows as the share of all-equal groups grows (section 8).
+#    </details>
+#
+# 4. ★ **Mean-only advantages.** Train with `scale="none"`. Which groups lose weight compared with the std-scaled
+#    form?
+#
+#    <details><summary>Hint</summary>Compute `group_advantages` of a group with one correct answer out of eight, and of
+#    one with four out of eight, under both scales.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    one, half = torch.tensor([1.0] + [0.0] * 7), torch.tensor([1.0] * 4 + [0.0] * 4)
+#    for r in (one, half):
+#        print(group_advantages(r, 8)[0].item(), group_advantages(r, 8, scale="none")[0].item())
+#    ```
+#    Dividing by the std inflates groups whose rewards barely differ (one right out of eight: std 0.35, so the right
+#    answer's advantage grows from 0.875 to about 2.5), while a balanced group (std 0.53) changes less. Mean-only
+#    advantages (Dr. GRPO) stop up-weighting the nearly solved and the nearly hopeless questions.
+#    </details>
+#
+# 5. ★★ **A reward hack.** Add a reward part that pays 0.5 for any completion containing " wait ". Train, and measure
 #    accuracy and the share of " wait ". What does this say about rewards written as rules?
+#
+#    <details><summary>Hint</summary>`Rewards(parts={**Rewards().parts, "wait": (lambda c, p: float(reflects(c)),
+#    0.5)})`, passed to `GRPOTrainer(..., rewards=...)`.</details>
+#    <details><summary>Solution</summary>
+#
+#    Expect the share of " wait " to rise faster than under the rule rewards, with nothing to tie it to being right: a completion
+#    can say " wait " and still answer wrongly, and it is paid for it. A rule pays for exactly what it checks; R1 kept
+#    to accuracy and format for this reason, and declined a neural reward model because it can be hacked at scale.
+#    </details>
 #
 # ## Checks
 #

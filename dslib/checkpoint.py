@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_config", "read_trainer_state", "rng_state", "set_rng_state",
+__all__ = ["CheckpointError", "StepCheckpoints", "save_checkpoint", "load_checkpoint", "read_config", "read_trainer_state", "rng_state", "set_rng_state",
            "atomic_write_text"]
 
 MODEL_FILE, CONFIG_FILE, TRAINER_FILE = "model.safetensors", "config.json", "trainer.safetensors"
@@ -198,3 +200,53 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module,
     if restore_rng:
         set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta["rng"])
     return {"step": step, **meta["trainer"]}
+
+
+class StepCheckpoints:
+    """Numbered checkpoints for a trainer: `checkpoint_dir/step-NNNNNN/`, each a full `save_checkpoint` folder written
+    under a temporary name and renamed, so a crash never leaves a torn one; older steps are kept (an explorer can read
+    them). A mixin: the trainer has `model`, `optimizer`, `config` (a dataclass), `step`, `history`, `evals` and
+    `checkpoint_dir` (a Path or None). Used by dslib.grpo.GRPOTrainer."""
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """The complete checkpoints in checkpoint_dir, as (step, folder), oldest first."""
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return []
+        found = [(int(d.name[5:]), d) for d in self.checkpoint_dir.glob("step-*")
+                 if d.is_dir() and d.name[5:].isdigit() and (d / TRAINER_FILE).exists()]
+        return sorted(found)
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current step (model, optimizer, RNG states, step, config, history, evals)."""
+        if self.checkpoint_dir is None:
+            raise ValueError(f"this {type(self).__name__} has no checkpoint_dir")
+        final = self.checkpoint_dir / f"step-{self.step:06d}"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
+        try:
+            state = {"history": self.history, "evals": self.evals, "config": asdict(self.config)}
+            cfg = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+            save_checkpoint(tmp, self.model, cfg, self.optimizer, state, step=self.step)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from a checkpoint folder (default: the latest in checkpoint_dir). Returns whether one was loaded.
+        A checkpoint saved with another config is refused (CheckpointError), before anything is loaded."""
+        if path is None:
+            found = self.checkpoints()
+            if not found:
+                return False
+            path = found[-1][1]
+        saved = read_trainer_state(path)
+        if saved.get("config") != json.loads(json.dumps(asdict(self.config))):
+            raise CheckpointError(f"{path}: saved with another {type(self.config).__name__} ({saved.get('config')}); "
+                                  f"resume with the same config or use a new checkpoint_dir")
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
+        self.model.eval()
+        return True

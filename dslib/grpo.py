@@ -7,20 +7,16 @@ objective with the k3 KL estimator, the loss normalisations of GRPO, Dr. GRPO an
 from __future__ import annotations
 
 import copy
-import json
-import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from dslib.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, save_checkpoint
+from dslib.checkpoint import StepCheckpoints
 from dslib.rewards import Rewards, accuracy_reward, reflects, style_of
 from dslib.sampling import Rollout, generate, rollout_logprobs
 from dslib.world import Problem, prompt
@@ -161,7 +157,28 @@ class GRPOConfig:
             bad("log_kl", "True or False is required")
 
 
-class GRPOTrainer:
+def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, texts: list[str], group_size: int,
+                stop_id: int, stats: dict, kl_logged: bool, loss: torch.Tensor, grad_norm: torch.Tensor,
+                seconds: float) -> dict[str, float]:
+    """What GRPOTrainer logs about one step (see its docstring for each entry)."""
+    lengths = roll.lengths.float()
+    right = torch.tensor(scores["accuracy"], device=lengths.device) > 0
+    groups = rewards.view(-1, group_size)
+    last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
+    return {"step": step, "reward": float(rewards.mean()),
+            **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
+            "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
+            "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
+            "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
+            "reflection": sum(reflects(t) for t in texts) / len(texts),
+            "truncated": float((last != stop_id).float().mean()),
+            "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
+            "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
+            "kl": stats["kl"] if kl_logged else float("nan"), "clip_frac": stats["clip_frac"],
+            "loss": float(loss.detach()), "grad_norm": float(grad_norm), "seconds": seconds}
+
+
+class GRPOTrainer(StepCheckpoints):
     """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model.
 
     Each step draws `prompts_per_step` training problems, samples `group_size` completions of each from the current
@@ -245,71 +262,12 @@ class GRPOTrainer:
                                                        c.grad_clip if c.grad_clip > 0 else float("inf"))
             self.optimizer.step()
         self.model.eval()
-        lengths = roll.lengths.float()
-        right = torch.tensor(scores["accuracy"], device=self.device) > 0
-        groups = rewards.view(-1, c.group_size)
-        last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
-        rec = {"step": self.step + 1, "reward": float(rewards.mean()),
-               **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
-               "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
-               "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
-               "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
-               "reflection": sum(reflects(t) for t in texts) / len(texts),
-               "truncated": float((last != self.stop_id).float().mean()),
-               "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
-               "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
-               "kl": stats["kl"] if ref_lp is not None else float("nan"), "clip_frac": stats["clip_frac"],
-               "loss": float(loss.detach()), "grad_norm": float(grad_norm), "seconds": time.time() - t0}
+        rec = step_record(self.step + 1, rewards, scores, roll, texts, c.group_size, self.stop_id, stats,
+                          ref_lp is not None, loss, grad_norm, time.time() - t0)
         for k, v in rec.items():
             self.history.setdefault(k, []).append(v)
         self.step += 1
         return rec
-
-    # -- checkpoints (plumbing: the format is dslib.checkpoint's) --
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """The complete checkpoints in checkpoint_dir, as (step, folder), oldest first."""
-        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
-            return []
-        found = []
-        for d in self.checkpoint_dir.glob("step-*"):
-            if d.is_dir() and d.name[5:].isdigit() and (d / "trainer.safetensors").exists():
-                found.append((int(d.name[5:]), d))
-        return sorted(found)
-
-    def save(self) -> Path:
-        """Write the checkpoint of the current step (see the class docstring); returns its folder."""
-        if self.checkpoint_dir is None:
-            raise ValueError("this GRPOTrainer has no checkpoint_dir")
-        final = self.checkpoint_dir / f"step-{self.step:06d}"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
-        try:
-            state = {"history": self.history, "evals": self.evals, "config": asdict(self.config)}
-            cfg = self.model.config.to_dict() if hasattr(self.model, "config") else {}
-            save_checkpoint(tmp, self.model, cfg, self.optimizer, state, step=self.step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return final
-
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from a checkpoint folder (default: the latest in checkpoint_dir). Returns whether one was loaded.
-        A checkpoint saved with another GRPOConfig is refused (CheckpointError), before anything is loaded."""
-        if path is None:
-            found = self.checkpoints()
-            if not found:
-                return False
-            path = found[-1][1]
-        saved = read_trainer_state(path)
-        if saved.get("config") != json.loads(json.dumps(asdict(self.config))):
-            raise CheckpointError(f"{path}: saved with another GRPOConfig ({saved.get('config')}); resume with the "
-                                  f"same config or use a new checkpoint_dir")
-        state = load_checkpoint(path, self.model, self.optimizer)
-        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
-        self.model.eval()
-        return True
 
     def _checkpoint(self, on_checkpoint: Callable | None) -> None:
         """Save (when there is a folder), then evaluate: a crash in the evaluation loses no training."""
