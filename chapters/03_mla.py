@@ -674,12 +674,13 @@ class MLATransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: MLACache | None = None) -> torch.Tensor:
+                cache: MLACache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (b, t) -> logits (b, t, vocab).
         positions (b, t): RoPE positions (default 0..t-1, or following the cache's filled part).
         segments (b, t): document ids of packed rows; attention stays within a document (document_causal_mask).
         attn_mask (b, 1, t, past + t) bool, True where attention is allowed (default: causal).
-        cache: an MLACache to decode incrementally; it is advanced by t."""
+        cache: an MLACache to decode incrementally; it is advanced by t.
+        logits_to_keep: as in dslib.transformer.Transformer.forward (k > 0: the output head on the last k positions)."""
         c = self.config
         positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache, c.max_seq_len)
         cos, sin = rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta)
@@ -689,7 +690,7 @@ class MLATransformer(nn.Module):
             x = layer(x, cos, sin, attn_mask, cache, mode)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep > 0 else x))
 
     # Decoding is chapter 00's loop unchanged: it asks the model for a cache through new_cache, so it gets an MLACache.
     generate = Transformer.generate

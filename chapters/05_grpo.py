@@ -139,6 +139,7 @@ the sampling policy's per-token log-probabilities and completion masks (chapter 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -300,7 +301,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     cache = model.new_cache(b, width + n_new)
     can_drop = drop_finished and hasattr(cache, "select_rows")
     rows = torch.arange(b, device=device)  # the rows of the batch that the cache still holds
-    logits = model(ids, positions=positions_of(valid), attn_mask=padded_attention(valid), cache=cache)[:, -1]
+    # The prefill needs the output head at the last position only (dslib models take logits_to_keep).
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    logits = model(ids, positions=positions_of(valid), attn_mask=padded_attention(valid), cache=cache, **keep)[:, -1]
     key_valid = torch.cat([valid, torch.ones(b, n_new, dtype=torch.bool, device=device)], dim=1)
     tokens = torch.full((b, n_new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, n_new, device=device)

@@ -234,12 +234,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (b, t) -> logits (b, t, vocab).
         positions (b, t): RoPE positions (default 0..t-1, or following the cache's filled part).
         segments (b, t): document ids of packed rows; attention stays within a document (document_causal_mask).
         attn_mask (b, 1, t, past + t) bool, True where attention is allowed (default: causal).
-        cache: a KVCache to decode incrementally; it is advanced by t."""
+        cache: a KVCache to decode incrementally; it is advanced by t.
+        logits_to_keep: k > 0 computes the output head on the last k positions only, (b, k, vocab) (a prefill needs the
+            last one); 0 keeps every position (transformers' name for the same option)."""
         c = self.config
         positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache, c.max_seq_len)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
@@ -248,7 +250,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attn_mask, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep > 0 else x))
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KVCache for this model, on its device and in its dtype."""

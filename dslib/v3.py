@@ -277,10 +277,11 @@ class DeepSeekV3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: MLACache | None = None, return_hidden: bool = False):
+                cache: MLACache | None = None, return_hidden: bool = False, logits_to_keep: int = 0):
         """input_ids (b, t) -> logits (b, t, vocab); with return_hidden, (logits, h) where h (b, t, d) is the last
         layer's output before the final norm: the h^0 that MTP module 1 reads.
-        positions, segments, attn_mask and cache as in dslib.transformer.Transformer.forward."""
+        positions, segments, attn_mask, cache and logits_to_keep as in dslib.transformer.Transformer.forward (h is
+        always every position's)."""
         positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache,
                                               self.config.max_position_embeddings)
         cos, sin = self.rope(positions)
@@ -290,7 +291,7 @@ class DeepSeekV3(nn.Module):
             x = layer(x, cos, sin, attn_mask, cache, mode)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep > 0 else x))
         return (logits, x) if return_hidden else logits
 
     def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor | None = None,

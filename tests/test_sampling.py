@@ -160,3 +160,16 @@ def test_dropping_finished_rows_keeps_the_samples(kind):
     assert kept.lengths.min() < kept.lengths.max()  # some rows finished early, so rows were dropped
     assert torch.equal(kept.tokens, dropped.tokens) and torch.equal(kept.mask, dropped.mask)
     assert torch.allclose(kept.logprobs, dropped.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "mla", "v3"])
+def test_logits_to_keep_is_the_last_positions(kind):
+    model = MODELS[kind]()
+    ids = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids)
+        full = full[0] if isinstance(full, tuple) else full
+        for k in (1, 4):
+            last = model(ids, logits_to_keep=k)
+            assert last.shape == (3, k, V) and torch.allclose(last, full[:, -k:], atol=1e-6)
+        assert torch.equal(model(ids, logits_to_keep=0), full)
