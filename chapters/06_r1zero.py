@@ -95,10 +95,10 @@ tok = world.tokenizer
 # DeepSeek-R1-Zero (R1 paper, section 2.2) took DeepSeek-V3-Base and ran GRPO on it with **no supervised fine-tuning
 # first**. The only signals were two rules: is the final answer right (math answers checked, code run against tests),
 # and is the output in the format of the template below. Over thousands of RL steps the model's answers grew steadily
-# longer (Figure 3: from hundreds to thousands of tokens), AIME 2024 pass@1 (averaged over 16 samples per question)
-# rose from 15.6% to 71.0%, with cons@64 reaching 86.7% (Figure 2), and the model began to stop, re-evaluate and correct itself mid-solution: the paper's "aha
-# moment" (Table 3: "Wait, wait. Wait. That's an aha moment I can flag here."). Nobody taught it to; the paper calls it
-# an emergent behaviour.
+# longer (Figure 3: from hundreds to thousands of tokens), AIME 2024 pass@1 (averaged over 16 samples per question) rose
+# from 15.6% to 71.0%, with cons@64 reaching 86.7% (Table 2; Figure 2 plots the climb), and the model began to stop,
+# re-evaluate and correct itself mid-solution: the paper's "aha moment" (Table 3: "Wait, wait. Wait. That's an aha
+# moment I can flag here."). Nobody taught it to; the paper calls it an emergent behaviour.
 #
 # Our miniature is the same pipeline end to end, with every part small enough to watch:
 
@@ -162,7 +162,8 @@ draw_pipeline()
 # %%
 example = world.heldout[0]
 print("R1's template, verbatim (dslib.world.R1_ZERO_TEMPLATE):\n ", R1_ZERO_TEMPLATE.format(prompt=example.text))
-print(f"\nrendered for the arithmetic world ({len(tok.encode(prompt(example), bos=True))} tokens):\n  {prompt(example)!r}")
+n_tokens = len(tok.encode(prompt(example), bos=True))
+print(f"\nrendered for the arithmetic world ({n_tokens} tokens):\n  {prompt(example)!r}")
 print(f"the verbatim template would take {len(tok.encode(R1_ZERO_TEMPLATE.format(prompt=example.text)))} tokens "
       f"of a 96-token context")
 
@@ -545,7 +546,8 @@ def run_r1zero(model: torch.nn.Module, world, config: GRPOConfig, *, eval_proble
     return trainer
 
 
-def time_to_double(values: Sequence[float], seconds: Sequence[float], window: int = 3) -> tuple[int | None, float | None]:
+def time_to_double(values: Sequence[float], seconds: Sequence[float],
+                   window: int = 3) -> tuple[int | None, float | None]:
     """The first step (1-based) at which the moving average (over `window` steps) of a per-step rate reaches twice its
     first window's mean, with the seconds spent until then; (None, None) if it never does."""
     v = np.asarray(values, dtype=float)
@@ -740,7 +742,8 @@ print(f"pass@1 {pass1_gain:+.1%} points; length x{length_ratio:.2f}; reflection 
 # %% [markdown]
 # Now the search. `find_aha` runs over every sampled completion of the trained model; we take the problem where the
 # trained model corrects itself most often *and* the base model is usually wrong, and put its transcripts beside the
-# base model's transcripts of the same problem. Reflection is highlighted in yellow; the answer is green when right and red when wrong.
+# base model's transcripts of the same problem. Reflection is highlighted in yellow; the answer is green when right and
+# red when wrong.
 
 # %%
 def highlight(text: str, problem) -> str:
@@ -948,9 +951,10 @@ print(f"largest gain at {max(ops_gain, key=ops_gain.get)} operations; levels whe
 # moved probability onto answers the base could already produce. Maj@k is where the miniature can differ from the
 # paper: with a small voting budget RL's sharper distribution wins the vote far more often, but when the base model's
 # right answer is already its most common one (its reflective completions are reliable, its bare guesses scatter over
-# many wrong values), a large vote recovers it without any RL. Read the dashed lines at small and at large $k$. And the difficulty bars show where RL helps: not where
-# the base is already good (little headroom) nor where it is hopeless (nothing to amplify; the level right of the grey
-# line is harder than anything in pretraining or RL), but in between, where the base succeeds sometimes.
+# many wrong values), a large vote recovers it without any RL. Read the dashed lines at small and at large $k$. And the
+# difficulty bars show where RL helps: not where the base is already good (little headroom) nor where it is hopeless
+# (nothing to amplify; the level right of the grey line is harder than anything in pretraining or RL), but in between,
+# where the base succeeds sometimes.
 
 # %% [markdown]
 # ## 9. Explorer: one problem across the saved checkpoints
@@ -1068,9 +1072,9 @@ saved_to = ledger.save()
 # miniature of R1's Figures 2 and 3. Looked at honestly, the "aha" was already in the base model: it reflected and
 # corrected itself at step 0 because its corpus contained that route and the route was reliable. RL changed how often
 # the model takes it; on a corpus where plain steps are the common reliable route, the same recipe makes plain steps
-# take over instead, and reflection stays far below. And RL sharpened rather than extended: the base model, sampled often enough, finds most of what the trained
-# one finds. Each of these sentences is asserted in the checks below, so a run where one fails does not pass. The
-# figures, as measured in this run:
+# take over instead, and reflection stays far below. And RL sharpened rather than extended: the base model, sampled
+# often enough, finds most of what the trained one finds. Each of these sentences is asserted in the checks below, so a
+# run where one fails does not pass. The figures, as measured in this run:
 
 # %%
 closing = {
@@ -1113,10 +1117,11 @@ for k, v in closing.items():
 #    <details><summary>Hint</summary>A problem has no reflecting sample with probability $(1-r)^k$.</details>
 #    <details><summary>Solution</summary>
 #
-#    `1 - (1 - base_m["reflection_response"]) ** K` is essentially 1 for $r \approx 0.3$ and $k = 64$, close to the
-#    measured per-problem rate. The two numbers measure different things; a per-problem rate near 100% says almost
-#    nothing about how often the model reflects. Any gap to the measurement comes from problems that differ (the
-#    model reflects more on some than on others), so samples are not independent across problems.
+#    `1 - (1 - base_m["reflection_response"]) ** K`: for $r = 0.3$ and $k = 64$ it is $1 - 0.7^{64}$, within
+#    $10^{-9}$ of 1. Compare it with `base_m["reflection_problem"]`. The two numbers measure different things; a
+#    per-problem rate near 100% says almost nothing about how often the model reflects. A measured rate below the
+#    formula's means problems differ (the model reflects more on some than on others): its samples are independent
+#    within a problem, not identically distributed across problems.
 #    </details>
 #
 # 2. ★★ **A longer leash.** Lower `max_new_tokens` to 24 in the `GRPOConfig` of section 5 and rerun. Plot the
@@ -1141,13 +1146,13 @@ for k, v in closing.items():
 #    <details><summary>Hint</summary>Look at `measure(...)["format"]` of the base model first.</details>
 #    <details><summary>Solution</summary>
 #
-#    The base model already writes the format in nearly every completion (section 4), so the format reward is almost
-#    constant inside a group and gives almost no advantage: removing it changes little here. It matters when a base
+#    If the base model already writes the format in nearly every completion (the format column of section 4), the
+#    format reward is almost constant inside a group and gives almost no advantage, so removing it changes little. It matters when a base
 #    model does not know the format yet, as R1-Zero's template had to teach V3-Base.
 #    </details>
 #
-# 4. ★★★ **Dynamic sampling against the stall.** The share of all-equal groups grows as accuracy rises (section 5).
-#    Subclass `GRPOTrainer` so that `problems(step)` over-samples and `train_step` keeps only groups with mixed
+# 4. ★★★ **Dynamic sampling against the stall.** The share of all-equal groups grows as accuracy rises (section
+#    5). Subclass `GRPOTrainer` so that `problems(step)` over-samples and `train_step` keeps only groups with mixed
 #    rewards (DAPO, section 3.2). Does the held-out pass@1 keep rising after step 30?
 #
 #    <details><summary>Hint</summary>Roll out 2x the prompts, score them, keep the first 32 groups whose rewards are
@@ -1177,8 +1182,8 @@ for k, v in closing.items():
 #    ```
 #    Compare the runs: if the share of plain steps grows in each while the reflection rate moves by a few points in
 #    either direction, then in this mix both routes are reliable and which one gains early is decided by frequency and
-#    noise; the robust claim is the contrast with the reflective mix, where reflection takes over the batch. One seed is an anecdote: the chapter's
-#    checks assert only what holds with margin.
+#    noise; the robust claim is the contrast with the reflective mix, where reflection takes over the batch. One seed
+#    is an anecdote: the chapter's checks assert only what holds with margin.
 #    </details>
 #
 # ## Checks

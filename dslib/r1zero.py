@@ -241,7 +241,8 @@ def run_r1zero(model: torch.nn.Module, world, config: GRPOConfig, *, eval_proble
     return trainer
 
 
-def time_to_double(values: Sequence[float], seconds: Sequence[float], window: int = 3) -> tuple[int | None, float | None]:
+def time_to_double(values: Sequence[float], seconds: Sequence[float],
+                   window: int = 3) -> tuple[int | None, float | None]:
     """The first step (1-based) at which the moving average (over `window` steps) of a per-step rate reaches twice its
     first window's mean, with the seconds spent until then; (None, None) if it never does."""
     v = np.asarray(values, dtype=float)
