@@ -116,6 +116,68 @@ CHAPTER_START = time.time()
 # order.
 
 # %% [markdown]
+# The two algorithms side by side, as DeepSeekMath's Figure 4 draws them: PPO needs a **value model** (trained, as
+# large as the policy) to turn one reward into per-token advantages through GAE; GRPO samples a **group** of outputs
+# and lets the group's own rewards be the baseline. Trained models are orange, frozen ones blue.
+
+# %%
+def draw_ppo_vs_grpo():
+    """DeepSeekMath Figure 4, redrawn: PPO's four models against GRPO's three (no value model)."""
+    fig, axes = plt.subplots(2, 1, figsize=(12, 4.6))
+    trained, frozen, data = "#fdebd0", "#dbe9f6", "#ffffff"
+
+    def box(ax, x, y, text, color, w=1.5, h=0.6):
+        ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=color, edgecolor="#333333", lw=1.1))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=9)
+
+    def arrow(ax, x0, y0, x1, y1):
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", lw=1.2, color="#333333"))
+
+    for ax, name in zip(axes, ("PPO", "GRPO")):
+        ax.set_xlim(0, 12.5)
+        ax.set_ylim(-0.1, 2.2)
+        ax.axis("off")
+        ax.text(0.05, 2.1, name, fontsize=12, weight="bold", va="top")
+        box(ax, 0.2, 0.75, "q", data, w=0.6)
+        box(ax, 1.3, 0.75, "policy model", trained)
+        arrow(ax, 0.8, 1.05, 1.3, 1.05)
+        arrow(ax, 2.8, 1.05, 3.4, 1.05)
+    ax = axes[0]
+    box(ax, 3.4, 0.75, "o", data, w=0.6)
+    for y, text, color in ((1.5, "reference model", frozen), (0.75, "reward model", frozen),
+                           (0.0, "value model", trained)):
+        box(ax, 4.6, y, text, color)
+        arrow(ax, 4.0, 1.05, 4.6, y + 0.3)
+    box(ax, 6.7, 0.75, "r (minus KL\nper token)", data, w=1.3)
+    box(ax, 6.7, 0.0, "v", data, w=1.3)
+    arrow(ax, 6.1, 1.8, 6.7, 1.25)
+    arrow(ax, 6.1, 1.05, 6.7, 1.05)
+    arrow(ax, 6.1, 0.3, 6.7, 0.3)
+    box(ax, 8.6, 0.4, "GAE", data, w=1.0)
+    arrow(ax, 8.0, 1.05, 8.6, 0.8)
+    arrow(ax, 8.0, 0.3, 8.6, 0.6)
+    box(ax, 10.2, 0.4, "A (per token)", data)
+    arrow(ax, 9.6, 0.7, 10.2, 0.7)
+    ax = axes[1]
+    box(ax, 3.4, 0.75, "o1 ... oG", data, w=1.0)
+    for y, text in ((1.5, "reference model"), (0.75, "reward model\n(here: rules)")):
+        box(ax, 5.0, y, text, frozen)
+        arrow(ax, 4.4, 1.05, 5.0, y + 0.3)
+    box(ax, 7.1, 0.75, "r1 ... rG", data, w=1.2)
+    arrow(ax, 6.5, 1.05, 7.1, 1.05)
+    ax.text(7.0, 1.8, "KL added to the loss, not to r", fontsize=8, color="#555555", va="center")
+    arrow(ax, 6.5, 1.8, 6.95, 1.8)
+    box(ax, 8.9, 0.75, "group\ncomputation", data, w=1.3)
+    arrow(ax, 8.3, 1.05, 8.9, 1.05)
+    box(ax, 10.8, 0.75, "A1 ... AG", data)
+    arrow(ax, 10.2, 1.05, 10.8, 1.05)
+    plt.tight_layout()
+    plt.show()
+
+
+draw_ppo_vs_grpo()
+
+# %% [markdown]
 # ## 1. The rollout engine: `dslib.sampling`
 #
 # GRPO spends most of its time generating. Chapter 00's `Transformer.generate` continues prompts of **equal** length;
