@@ -90,3 +90,7 @@ def main() -> None:
         speedup = tps["engine"] / tps["uncached"]
         print(f"  {label}: rollout speedup vs uncached: {speedup:.2f}x; engine {tps['engine']:,.0f} tokens/s")
     print(f"rollout speedup vs uncached: {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
