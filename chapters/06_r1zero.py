@@ -1019,8 +1019,8 @@ ledger.add("RL alone, from a base model, raises pass@1",
 ledger.add("Responses grow longer under RL", "average length grows steadily with RL steps (R1, Figure 3)",
            f"mean length {base_m['length']:.1f} -> {r1z_m['length']:.1f} tokens (x{length_ratio:.2f}); target x1.5",
            bool(length_ratio >= 1.5), missed(length_ratio, 1.5, "x") or
-           "the growth stops where the reflective route's length is reached, not at a context limit "
-           f"(truncation {r1z_m['truncated']:.1%})")
+           (f"truncation {r1z_m['truncated']:.1%}: the length limit did not cap the growth" if r1z_m["truncated"] < 0.01
+            else f"truncation {r1z_m['truncated']:.1%}: the length limit may cap the growth"))
 ledger.add("Reflection emerges: the 'aha moment'",
            "'the model learns to rethink ... an aha moment' (R1, section 2.2.4, Table 3)",
            f"' wait ' per response {base_m['reflection_response']:.0%} -> {r1z_m['reflection_response']:.0%} "
@@ -1028,7 +1028,8 @@ ledger.add("Reflection emerges: the 'aha moment'",
            f"{r1z_m['reflection_problem']:.0%}); self-corrections found by code {base_m['aha_response']:.0%} -> "
            f"{r1z_m['aha_response']:.0%} of responses; target x2 per response", bool(reflection_ratio >= 2),
            (missed(reflection_ratio, 2, "x") + "; " if reflection_ratio < 2 else "") +
-           "not emergent here: the base model already reflects and corrects itself (section 4)")
+           ("not emergent here: the base model already reflects and corrects itself (section 4)"
+            if base_m["aha_response"] > 0.05 else "the base model barely corrected itself: closer to emergence"))
 ledger.add("Base models already reflect before RL", "DeepSeek-V3-Base already says 'aha'/'wait' (Dr. GRPO, section 2)",
            f"step 0: {base_m['reflection_response']:.0%} of responses reflect, {base_m['aha_response']:.0%} correct a "
            f"wrong value", bool(base_m["aha_response"] > 0.05))
