@@ -231,6 +231,11 @@ class Rollout:
         """Completion lengths in tokens (b,)."""
         return self.mask.sum(-1)
 
+    def truncated(self, stop_ids: Sequence[int]) -> torch.Tensor:
+        """(b,) bool: the completion ends without a stop token (it hit the length limit)."""
+        last = self.tokens.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]
+        return ~torch.isin(last, torch.as_tensor(list(stop_ids), dtype=last.dtype, device=last.device))
+
     @property
     def sequences(self) -> torch.Tensor:
         """Prompt and completion side by side (b, P + N)."""
@@ -899,14 +904,13 @@ def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, t
     lengths = roll.lengths.float()
     right = torch.tensor(scores["accuracy"], device=lengths.device) > 0
     groups = rewards.view(-1, group_size)
-    last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
     return {"step": step, "reward": float(rewards.mean()),
             **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
             "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
             "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
             "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
             "reflection": sum(reflects(t) for t in texts) / len(texts),
-            "truncated": float((last != stop_id).float().mean()),
+            "truncated": float(roll.truncated([stop_id]).float().mean()),
             "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
             "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
             "kl": stats["kl"] if kl_logged else float("nan"), "clip_frac": stats["clip_frac"],

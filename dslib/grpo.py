@@ -164,14 +164,13 @@ def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, t
     lengths = roll.lengths.float()
     right = torch.tensor(scores["accuracy"], device=lengths.device) > 0
     groups = rewards.view(-1, group_size)
-    last = roll.tokens.gather(1, (roll.lengths - 1).clamp(min=0)[:, None])[:, 0]
     return {"step": step, "reward": float(rewards.mean()),
             **{f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if k != "total"},
             "accuracy": float(right.float().mean()), "length": float(lengths.mean()),
             "length_right": float(lengths[right].mean()) if right.any() else float("nan"),
             "length_wrong": float(lengths[~right].mean()) if (~right).any() else float("nan"),
             "reflection": sum(reflects(t) for t in texts) / len(texts),
-            "truncated": float((last != stop_id).float().mean()),
+            "truncated": float(roll.truncated([stop_id]).float().mean()),
             "entropy": float(-(roll.logprobs * roll.mask).sum() / roll.mask.sum().clamp(min=1)),
             "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
             "kl": stats["kl"] if kl_logged else float("nan"), "clip_frac": stats["clip_frac"],

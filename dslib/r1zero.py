@@ -7,11 +7,11 @@ truncation, accuracy by difficulty), the aha-moment finder, and the R1-Zero run 
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +40,7 @@ class Samples:
     def k(self) -> int:
         return len(self.texts[0]) if self.texts else 0
 
-    @property
+    @cached_property
     def answers(self) -> list[list[int | None]]:
         """The parsed <answer> of every completion (None when there is none)."""
         return [[parse_answer(t) for t in row] for row in self.texts]
@@ -68,9 +68,8 @@ def sample_k(model: torch.nn.Module, world, problems: Sequence[Problem], k: int,
         r = generate(model, prompts[s:s + batch_size], max_new_tokens, temperature=temperature, stop_ids=[stop],
                      pad_id=tok.pad_id, seed=seed * 1_000_003 + s)
         texts += r.texts(tok)
-        n = r.lengths
-        lengths += n.tolist()
-        truncated += (r.tokens.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0] != stop).tolist()
+        lengths += r.lengths.tolist()
+        truncated += r.truncated([stop]).tolist()
     P = len(problems)
     return Samples(list(problems), [texts[i * k:(i + 1) * k] for i in range(P)],
                    np.array(lengths).reshape(P, k), np.array(truncated, dtype=bool).reshape(P, k))

@@ -36,6 +36,11 @@ class Rollout:
         """Completion lengths in tokens (b,)."""
         return self.mask.sum(-1)
 
+    def truncated(self, stop_ids: Sequence[int]) -> torch.Tensor:
+        """(b,) bool: the completion ends without a stop token (it hit the length limit)."""
+        last = self.tokens.gather(1, (self.lengths - 1).clamp(min=0)[:, None])[:, 0]
+        return ~torch.isin(last, torch.as_tensor(list(stop_ids), dtype=last.dtype, device=last.device))
+
     @property
     def sequences(self) -> torch.Tensor:
         """Prompt and completion side by side (b, P + N)."""
