@@ -392,6 +392,10 @@ class WorldConfig:
     guess_right_rate: float = 0.3  # how often the quick guess of "guess_verify" is right
     en_rate: float = 0.1  # share of worked solutions whose reasoning is written in words ("en") instead of symbols
     switch_rate: float = 0.05  # share of worked solutions that switch language part-way through
+    # Chapter 07's bilingual world: problems can be stated in words ("07 plus 35"), and a solution then mostly reasons
+    # in words too. At the defaults every problem is in symbols and the corpus is exactly chapter 00's.
+    prompt_en_rate: float = 0.0  # share of problems stated in words
+    en_prompt_consistency: float = 0.8  # share of worked solutions to a worded problem that reason in words
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_value, int) and 9 <= self.max_value <= 9999, "max_value", self.max_value,
@@ -414,7 +418,8 @@ class WorldConfig:
                f"a dict whose keys are among {STYLES}")
         _check(all(isinstance(w, (int, float)) and w >= 0 for w in self.mix.values()) and sum(self.mix.values()) > 0,
                "mix", self.mix, "non-negative weights with a positive sum")
-        for name in ("steps_slip_rate", "guess_right_rate", "en_rate", "switch_rate"):
+        for name in ("steps_slip_rate", "guess_right_rate", "en_rate", "switch_rate", "prompt_en_rate",
+                     "en_prompt_consistency"):
             v = getattr(self, name)
             _check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
         _check(self.en_rate + self.switch_rate <= 1.0, "switch_rate", self.switch_rate,
@@ -440,11 +445,17 @@ except ValueError as e:
 #| export
 @dataclass(frozen=True)
 class Problem:
-    """A chain like 07+35-12: operands, operators, and every intermediate value (values[-1] is the answer)."""
+    """A chain like 07+35-12: operands, operators, and every intermediate value (values[-1] is the answer).
+    language: how the problem is stated, in symbols ("sym": 07+35-12) or in words ("en": 07 plus 35 minus 12)."""
 
     operands: tuple[int, ...]
     ops: tuple[str, ...]
     width: int = 2
+    language: str = "sym"
+
+    def __post_init__(self) -> None:
+        if self.language not in LANGUAGES:
+            raise ValueError(f"Problem.language={self.language!r} is invalid: one of {LANGUAGES}")
 
     @property
     def values(self) -> tuple[int, ...]:
@@ -462,11 +473,15 @@ class Problem:
     def text(self) -> str:
         s = self.fmt(self.operands[0])
         for op, x in zip(self.ops, self.operands[1:]):
-            s += op + self.fmt(x)
+            s += (op if self.language == "sym" else WORDS[op]) + self.fmt(x)
         return s
 
     def fmt(self, n: int) -> str:
         return f"{n:0{self.width}d}"
+
+    def in_language(self, language: str) -> "Problem":
+        """The same problem, stated in `language`."""
+        return Problem(self.operands, self.ops, self.width, language)
 
 
 def sample_problem(rng: random.Random, cfg: WorldConfig, n_operands: int) -> Problem:
@@ -480,7 +495,9 @@ def sample_problem(rng: random.Random, cfg: WorldConfig, n_operands: int) -> Pro
         cur = cur + x if op == "+" else cur - x
         operands.append(x)
         ops.append(op)
-    return Problem(tuple(operands), tuple(ops), cfg.width)
+    # Only a bilingual world draws the language, so the default world's random stream is chapter 00's.
+    language = "en" if cfg.prompt_en_rate > 0 and rng.random() < cfg.prompt_en_rate else "sym"
+    return Problem(tuple(operands), tuple(ops), cfg.width, language)
 
 # %%
 rng = random.Random(0)
@@ -615,7 +632,10 @@ def make_document(problem: Problem, style: str, rng: random.Random, cfg: WorldCo
     if style not in STYLES:
         raise ValueError(f"style {style!r} is not one of {STYLES}")
     n_steps = len(problem.ops)
-    if language is None:
+    if language is None and problem.language == "en":  # a worded problem: mostly words, the rest split 2:1
+        u, c = rng.random(), cfg.en_prompt_consistency
+        language = "en" if u < c else "mixed" if u < c + (1 - c) / 3 else "sym"
+    elif language is None:
         u = rng.random()
         language = "en" if u < cfg.en_rate else "mixed" if u < cfg.en_rate + cfg.switch_rate else "sym"
     if language not in ("sym", "en", "mixed"):
@@ -864,7 +884,7 @@ class World:
         self.tokenizer = Tokenizer()
         self._heldout: list[Problem] | None = None
         self._corpus: list[Document] | None = None
-        self._banned: set[str] | None = None
+        self._banned: set[tuple] | None = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -893,12 +913,12 @@ class World:
         """A random training problem (never one of the held-out problems)."""
         c = self.config
         if self._banned is None:
-            self._banned = {p.text for p in self.heldout}
+            self._banned = {(p.operands, p.ops) for p in self.heldout}  # in either language
         banned = self._banned
         for _ in range(1000):
             k = n_operands if n_operands is not None else rng.randint(c.min_operands, c.max_operands)
             p = sample_problem(rng, c, k)
-            if p.text not in banned:
+            if (p.operands, p.ops) not in banned:
                 return p
         raise ValueError("could not draw a training problem outside the held-out set: the world is too small")
 
