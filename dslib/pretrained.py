@@ -13,10 +13,13 @@ calls load it in a second.
 - A corrupt or incomplete entry (a truncated file, a missing file, a recipe that does not match its name) is **rebuilt**,
   with a warning that names the folder; `rebuild=True` forces a rebuild.
 
-Three models are cached this way: the base model (`base_model`, chapter 00's recipe), a second base model pretrained
-on a corpus where plain step-by-step solutions are common (`base_model(recipe=STEPS_RECIPE)`, chapter 06's contrast)
-and the R1-Zero model (`r1zero_model`: GRPO from the base model with chapter 06's recipe, for chapters 07 and later).
-`python -m dslib.pretrained` builds all three (seed 0) and prints where they are.
+Five entries are cached this way: the base model (`base_model`, chapter 00's recipe), a second base model pretrained
+on a corpus where plain step-by-step solutions are common (`base_model(recipe=STEPS_RECIPE)`, chapter 06's contrast),
+the R1-Zero model (`r1zero_model`: GRPO from the base model with chapter 06's recipe), the bilingual base model of
+chapter 07 (`base_model(recipe=BILINGUAL_RECIPE)`: problems stated in symbols or in words) and chapter 07's R1 study
+(`r1_model`: R1's four stages, R1-Zero and one-stage-out ablations from the bilingual base; the entry keeps every
+stage's checkpoints, and its model is the final R1 for chapters 08 and 09). `python -m dslib.pretrained` builds them
+all (seed 0) and prints where they are.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from dslib.train import TrainConfig, Trainer
 from dslib.transformer import Transformer, TransformerConfig
 from dslib.world import PackedData, World, WorldConfig
 
-__all__ = ["BaseRecipe", "BASE_RECIPE", "STEPS_MIX", "STEPS_RECIPE", "R1ZeroRecipe", "R1ZERO_RECIPE", "cache_dir",
+__all__ = ["BaseRecipe", "BASE_RECIPE", "STEPS_MIX", "STEPS_RECIPE", "BILINGUAL_WORLD", "BILINGUAL_RECIPE", "R1ZeroRecipe", "R1ZERO_RECIPE", "cache_dir",
            "base_world", "base_model", "base_model_path", "base_model_info", "recipe_key", "r1zero_model",
-           "r1zero_model_path", "r1zero_model_info"]
+           "r1zero_model_path", "r1zero_model_info", "R1Recipe", "R1_RECIPE", "r1_model", "r1_model_path",
+           "r1_runs_path", "r1_model_info"]
 
 FORMAT_VERSION = 1  # bump when the stored layout or the training code changes what a recipe produces
 
@@ -95,6 +99,12 @@ BASE_RECIPE = BaseRecipe()
 STEPS_MIX = {"bare": 0.56, "steps": 0.27, "guess_verify": 0.12, "slip_fix": 0.02, "slip": 0.03}
 STEPS_RECIPE = BaseRecipe(world={"mix": STEPS_MIX})
 
+# The bilingual base of chapter 07 (R1): half the problems are stated in words, and a solution mostly reasons in the
+# problem's language (worded problems: 80% words; problems in symbols: 3% words, 3% switching part-way). Worded
+# solutions run to 112 tokens, so the context is 128.
+BILINGUAL_WORLD = {"prompt_en_rate": 0.5, "en_rate": 0.03, "switch_rate": 0.03}
+BILINGUAL_RECIPE = BaseRecipe(world=BILINGUAL_WORLD, seq_len=128)
+
 
 def cache_dir() -> Path:
     """Where cached models live: DSLIB_CACHE, else $XDG_CACHE_HOME/dslib, else ~/.cache/dslib."""
@@ -105,10 +115,19 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dslib"
 
 
+# WorldConfig fields added after the first cached models: they enter a recipe's key only when they differ from their
+# defaults, so models cached before the fields existed (whose worlds are unchanged) keep their names.
+_LATER_WORLD_FIELDS = {"prompt_en_rate": 0.0, "en_prompt_consistency": 0.8}
+
+
+def _world_key(world: WorldConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(world).items() if not (k in _LATER_WORLD_FIELDS and v == _LATER_WORLD_FIELDS[k])}
+
+
 def _full_recipe(recipe: BaseRecipe, seed: int) -> dict[str, Any]:
     world = recipe.world_config()
     vocab = World(world).tokenizer.vocab_size
-    return {"format": FORMAT_VERSION, "seed": seed, "world": asdict(world),
+    return {"format": FORMAT_VERSION, "seed": seed, "world": _world_key(world),
             "model": recipe.model_config(vocab).to_dict(),
             "train": asdict(recipe.train_config(seed)),
             "packing": {"seq_len": recipe.seq_len, "batch_size": recipe.batch_size, "response_after": "<think>"}}
@@ -170,10 +189,9 @@ def _load_transformer(path: Path, want: dict[str, Any], device: torch.device) ->
     return model.to(device).eval()
 
 
-def _store(path: Path, model: Transformer, want: dict[str, Any], info: dict[str, Any], step: int) -> None:
-    """Write an entry in a temporary folder, then rename it into place (an interrupted build leaves nothing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def _store(path: Path, model: Transformer, want: dict[str, Any], info: dict[str, Any], step: int,
+           tmp: Path) -> None:
+    """Write an entry into its temporary folder, then rename it into place (an interrupted build leaves nothing)."""
     try:
         tmp.chmod(0o755)
         save_checkpoint(tmp, model, model.config.to_dict(), step=step)
@@ -195,7 +213,8 @@ def _check_seed(seed: Any) -> None:
 
 def _cached(path: Path, want: dict[str, Any], what: str, device: torch.device, rebuild: bool, progress: bool,
             build) -> Transformer:
-    """Load the entry at path, or build it with build() -> (model, info, step) and store it."""
+    """Load the entry at path, or build it with build(folder) -> (model, info, step) and store it. `folder` is the
+    entry's temporary folder: what build writes there (checkpoints of the stages) is renamed into place with it."""
     if path.exists() and not rebuild:
         try:
             return _load_transformer(path, want, device)
@@ -203,8 +222,13 @@ def _cached(path: Path, want: dict[str, Any], what: str, device: torch.device, r
             warnings.warn(f"cached {what} at {path} is unusable ({e}); rebuilding it", stacklevel=3)
     if progress:
         print(f"building the {what} into {path}")
-    model, info, step = build()
-    _store(path, model, want, info, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model, info, step = build(tmp)
+        _store(path, model, want, info, step, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model.to(device).eval()
 
 
@@ -227,7 +251,7 @@ def base_model(seed: int = 0, progress: bool = True, device: torch.device | str 
     _check_seed(seed)
     device = torch.device(device or "cpu")
 
-    def build():
+    def build(_folder):
         model, info = _train(recipe, seed, progress, device)
         return model, info, recipe.steps
 
@@ -295,7 +319,7 @@ def r1zero_model(seed: int = 0, progress: bool = True, device: torch.device | st
     _check_seed(seed)
     device = torch.device(device or "cpu")
 
-    def build():
+    def build(_folder):
         base = base_model(seed, progress, device, recipe=recipe.base)
         config = recipe.grpo_config(seed)
         trainer = GRPOTrainer(copy.deepcopy(base), base_world(recipe.base), config, ref_model=base)
@@ -314,6 +338,87 @@ def r1zero_model(seed: int = 0, progress: bool = True, device: torch.device | st
 def r1zero_model_info(seed: int = 0, recipe: R1ZeroRecipe = R1ZERO_RECIPE) -> dict[str, Any]:
     """What was recorded when the cached R1-Zero model was built; {} if not cached."""
     return _info(r1zero_model_path(seed, recipe))
+
+
+@dataclass(frozen=True)
+class R1Recipe:
+    """How chapter 07's R1 study is built: the bilingual base model of `base` (same seed), then dslib.r1's pipeline
+    (`r1`: R1Config fields; the rest are defaults) run for every variant of R1_VARIANTS into one folder, where the
+    variants share the stages they have in common."""
+
+    base: BaseRecipe = BILINGUAL_RECIPE
+    r1: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r1, dict) or "seed" in self.r1:
+            raise ValueError(f"R1Recipe.r1={self.r1!r} is invalid: a dict of R1Config fields without 'seed' (the "
+                             f"seed is r1_model's)")
+        self.config(0)  # validates the fields (ValueError naming the field)
+
+    def config(self, seed: int):
+        from dslib.r1 import R1Config
+
+        return R1Config(**{**self.r1, "seed": seed})
+
+
+def _r1_variants() -> dict[str, tuple[str, ...]]:
+    from dslib.r1 import SKIPPABLE
+
+    return {"R1": (), "R1-Zero": SKIPPABLE, **{f"without {s}": (s,) for s in SKIPPABLE}}
+
+
+R1_RECIPE = R1Recipe()
+
+
+def _r1_full(recipe: R1Recipe, seed: int) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "kind": "r1", "seed": seed, "base": _full_recipe(recipe.base, seed),
+            "r1": asdict(recipe.config(seed)), "variants": _r1_variants()}
+
+
+def r1_model_path(seed: int = 0, recipe: R1Recipe = R1_RECIPE) -> Path:
+    """The cache folder of the R1 study of `seed` (it may not exist yet)."""
+    text = json.dumps(_r1_full(recipe, seed), sort_keys=True, default=list)
+    return cache_dir() / f"r1-seed{seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def r1_model(seed: int = 0, progress: bool = True, device: torch.device | str | None = None, *,
+             rebuild: bool = False, recipe: R1Recipe | None = None) -> Transformer:
+    """The R1 model of chapter 07 (all four stages from the bilingual base model), for chapters 08 and 09; built once
+    with the whole study (every variant of the ablation, about 15 minutes on one CPU thread once the bilingual base is
+    cached), then loaded. The study's stage checkpoints are in `r1_runs_path(seed)`: `dslib.r1.run_r1(...,
+    checkpoint_dir=r1_runs_path(seed), skip=...)` loads a variant's models from there. Arguments as for base_model."""
+    from dslib.r1 import run_r1
+
+    recipe = recipe or R1_RECIPE
+    _check_seed(seed)
+    device = torch.device(device or "cpu")
+
+    def build(folder: Path):
+        base = base_model(seed, progress, device, recipe=recipe.base)
+        world, config = base_world(recipe.base), recipe.config(seed)
+        info: dict[str, Any] = {"variant_seconds": {}}
+        for name, skip in _r1_variants().items():
+            t0 = time.time()
+            out = run_r1(base, world, config, folder / "runs", skip=skip, progress=progress)
+            info["variant_seconds"][name] = round(time.time() - t0, 1)
+            if name == "R1":
+                final, info["rejection"] = out["final"], out["rejection"]
+        info["build_seconds"] = round(sum(info["variant_seconds"].values()), 1)
+        info["parameters"] = final.num_params()
+        return final, info, 0
+
+    return _cached(r1_model_path(seed, recipe), _r1_full(recipe, seed), f"R1 study (seed {seed})", device,
+                   rebuild, progress, build)
+
+
+def r1_runs_path(seed: int = 0, recipe: R1Recipe = R1_RECIPE) -> Path:
+    """Where the R1 study's stage checkpoints are (build them with r1_model first)."""
+    return r1_model_path(seed, recipe) / "runs"
+
+
+def r1_model_info(seed: int = 0, recipe: R1Recipe = R1_RECIPE) -> dict[str, Any]:
+    """What was recorded when the R1 study was built (seconds per variant, rejection counts); {} if not cached."""
+    return _info(r1_model_path(seed, recipe))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,6 +443,14 @@ def main(argv: list[str] | None = None) -> None:
         info = r1zero_model_info(seed)
         print(f"R1-Zero model seed {seed}: {r1zero_model_path(seed)} ({time.time() - t0:.1f} s; built in "
               f"{info.get('build_seconds', 0):.0f} s)")
+        t0 = time.time()
+        base_model(seed, progress=True, rebuild=args.rebuild, recipe=BILINGUAL_RECIPE)
+        print(f"bilingual base model seed {seed}: {base_model_path(seed, BILINGUAL_RECIPE)} ({time.time() - t0:.1f} s)")
+        t0 = time.time()
+        r1_model(seed, progress=True, rebuild=args.rebuild)
+        info = r1_model_info(seed)
+        print(f"R1 study seed {seed}: {r1_model_path(seed)} ({time.time() - t0:.1f} s; built in "
+              f"{info.get('build_seconds', 0):.0f} s: {info.get('variant_seconds')})")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,30 @@ def test_r1zero_recipe_keys_and_validation():
     # The contrast corpus of chapter 06 is another recipe, with the same held-out problems.
     assert recipe_key(0, STEPS_RECIPE) != recipe_key(0, BASE_RECIPE)
     assert [p.text for p in base_world(STEPS_RECIPE).heldout] == [p.text for p in base_world().heldout]
+
+
+def test_r1_study_builds_every_variant_then_loads(tmp_cache):
+    from dslib.pretrained import R1Recipe, r1_model, r1_model_info, r1_model_path, r1_runs_path
+    from dslib.r1 import SKIPPABLE, run_r1
+
+    recipe = R1Recipe(base=BaseRecipe(**{**TINY.__dict__, "world": {"n_docs": 300, "prompt_en_rate": 0.5},
+                                         "seq_len": 128}),
+                      r1={"cold_start_examples": 8, "cold_start_steps": 2, "sft_batch": 2,
+                          "rl": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8},
+                          "rejection_problems": 4, "rejection_k": 2, "non_reasoning": 8, "sft_steps": 2,
+                          "final_rl": {"steps": 1}})
+    final = r1_model(0, progress=False, recipe=recipe)
+    info = r1_model_info(0, recipe)
+    assert set(info["variant_seconds"]) == {"R1", "R1-Zero", *(f"without {s}" for s in SKIPPABLE)}
+    assert info["recipe"]["kind"] == "r1" and info["rejection"]["problems"] == 4
+    runs = r1_runs_path(0, recipe)
+    assert (runs / "reasoning_rl-nolang").is_dir() and (runs / "cold_start" / "reasoning_rl-nolang").is_dir()
+    base = base_model(0, progress=False, recipe=recipe.base)
+    stamp = {p: p.stat().st_mtime_ns for p in runs.rglob("*.safetensors")}
+    out = run_r1(base, base_world(recipe.base), recipe.config(0), runs, progress=False)
+    assert same(out["final"], final)  # the cached final model is the study's R1
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.safetensors")} == stamp  # loaded, nothing trained
+    assert same(r1_model(0, progress=False, recipe=recipe), final)
+    assert r1_model_path(0, recipe) != r1_model_path(1, recipe)
+    with pytest.raises(ValueError, match="seed"):
+        R1Recipe(r1={"seed": 1})
