@@ -588,6 +588,68 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The reader's standard: how much of a chapter is prose, how long its code cells run, how many diagrams it draws
+
+PROSE_SHARE_MIN = 0.30  # prose: at least 30% of a chapter's non-blank lines
+CODE_CELL_MAX = 80  # no code cell a reader must scroll past runs over 80 non-blank lines
+_DIAGRAM_RE = re.compile(r"^\s*def draw_\w*\(|!\[[^\]]*\]\([^)]*\.(?:svg|png)\)")
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A chapter held to the reader's standard (README, "Writing a chapter"): prose and code non-blank lines (the
+    jupytext header excluded), the longest code cell and the line of its `# %%` marker, and the diagrams (functions
+    named `draw_*` that a chapter defines, and images it embeds from assets/)."""
+
+    chapter: str
+    prose_lines: int
+    code_lines: int
+    longest_cell: int
+    longest_at: int
+    diagrams: int
+
+    @property
+    def prose_share(self) -> float:
+        total = self.prose_lines + self.code_lines
+        return self.prose_lines / total if total else 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.prose_share < PROSE_SHARE_MIN:
+            out.append(f"prose is {self.prose_share:.0%} of the non-blank lines (at least {PROSE_SHARE_MIN:.0%})")
+        if self.longest_cell > CODE_CELL_MAX:
+            out.append(f"the code cell at line {self.longest_at} has {self.longest_cell} non-blank lines (at most "
+                       f"{CODE_CELL_MAX})")
+        if self.diagrams < 1:
+            out.append("no diagram (a draw_* function or an embedded image)")
+        return out
+
+
+def reading(text: str, chapter: str = "") -> Reading:
+    """Measure a chapter's percent-format source against the reader's standard."""
+    prose = code = diagrams = 0
+    longest, at = 0, 0
+    for cell in parse_cells(text):
+        lines = [line for line in cell.lines if line.strip()]
+        if cell.line == 1 and cell.kind == "code" and all(line.startswith("#") for line in lines):
+            continue  # the jupytext header (front matter before the first real cell)
+        diagrams += sum(bool(_DIAGRAM_RE.search(line)) for line in lines)
+        if cell.kind == "markdown":
+            prose += len(lines)
+        elif cell.kind == "code":
+            code += len(lines)
+            if len(lines) > longest:
+                longest, at = len(lines), cell.line
+    return Reading(chapter, prose, code, longest, at, diagrams)
+
+
+def chapter_readings(root: Path | str | None = None) -> list[Reading]:
+    """Every chapter's Reading, in book order."""
+    book = load_book(root)
+    return [reading((book.root / c.source).read_text(encoding="utf-8"), c.number) for c in book.chapters]
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Running chapters
 
 
@@ -860,6 +922,16 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reading(args: argparse.Namespace) -> int:
+    readings = chapter_readings(args.root)
+    print(format_table(
+        ("chapter", "prose %", "prose lines", "code lines", "longest code cell", "diagrams", "below the standard"),
+        [(r.chapter, round(100 * r.prose_share), r.prose_lines, r.code_lines, r.longest_cell, r.diagrams,
+          "; ".join(r.problems())) for r in readings],
+    ))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dslib.book",
@@ -880,6 +952,8 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"the most seconds one cell may run (default: {DEFAULT_TIMEOUT_S})")
     run_cmd.set_defaults(handler=_cmd_run)
     commands.add_parser("ledger", help="every chapter's saved claims ledger").set_defaults(handler=_cmd_ledger)
+    commands.add_parser("reading", help="each chapter against the reader's standard: prose share, longest code "
+                                        "cell, diagrams").set_defaults(handler=_cmd_reading)
     return parser
 
 

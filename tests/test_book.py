@@ -406,3 +406,30 @@ def test_run_executes_and_times_a_chapter(root: Path, tmp_path: Path, capsys: py
     executed = json.loads((root / "_build" / "notebooks" / "07_demo.ipynb").read_text())
     printed = "".join(executed["cells"][-1]["outputs"][0]["text"])
     assert printed.strip() == f"1 small {root / 'chapters'}"
+
+
+def test_reading_counts_prose_code_cells_and_diagrams():
+    from dslib.book import reading
+
+    src = ("# ---\n# jupyter:\n#   kernelspec: {}\n# ---\n\n# %% [markdown]\n# # Title\n#\n# Some prose.\n\n"
+           "# %%\nimport numpy\n\n\ndef draw_thing():\n    pass\n\n# %% [markdown]\n# ![a figure](../assets/x.svg)\n"
+           "\n# %%\n" + "x = 1\n" * 81)
+    r = reading(src, "99")
+    assert (r.prose_lines, r.code_lines, r.longest_cell, r.diagrams) == (4, 3 + 81, 81, 2)
+    assert r.longest_at == 21 and round(r.prose_share, 3) == round(4 / 88, 3)
+    problems = r.problems()
+    assert any("prose" in p for p in problems) and any("81 non-blank lines" in p for p in problems)
+    assert reading("# %% [markdown]\n# prose\n\n# %%\nx = 1\n").problems() == ["no diagram (a draw_* function or an "
+                                                                               "embedded image)"]
+
+
+def test_new_chapters_meet_the_readers_standard():
+    """Chapters from 06 on are written to the reader's standard (prose >= 30%, no code cell over 80 lines, a
+    diagram); `python -m dslib.book reading` prints every chapter's figures, the earlier ones included."""
+    from dslib.book import chapter_readings
+
+    readings = chapter_readings()
+    assert [r.chapter for r in readings][:2] == ["00", "01"]
+    for r in readings:
+        if int(r.chapter) >= 6:
+            assert r.problems() == [], (r.chapter, r.problems())
