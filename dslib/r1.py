@@ -214,10 +214,11 @@ def _path(p) -> Path | None:
     return None if p is None else Path(p)
 
 
-def _sft(model: torch.nn.Module, texts: Sequence[str], world, config: R1Config, steps: int,
-         checkpoint_dir: Path | None, progress: bool) -> torch.nn.Module:
-    """Supervised fine-tuning of `model` in place on prompt + completion texts (loss on the completion), with
-    dslib.train's checkpoints: a checkpoint_dir that holds a finished run is loaded instead of trained again."""
+def sft(model: torch.nn.Module, texts: Sequence[str], world, config: R1Config, steps: int,
+        checkpoint_dir: Path | None = None, progress: bool = True) -> torch.nn.Module:
+    """Supervised fine-tuning of `model` in place on prompt + completion texts (loss on the completion only), packed
+    into rows of config.seq_len, config.sft_batch rows per step at config.sft_lr with cosine decay; with dslib.train's
+    checkpoints: a checkpoint_dir that holds a finished run is loaded instead of trained again. Returns the model."""
     data = PackedData(list(texts), world.tokenizer, config.seq_len, config.sft_batch, seed=config.seed)
     trainer = Trainer(model, data, config.sft_config(steps), checkpoint_dir=checkpoint_dir,
                       device=next(model.parameters()).device)
@@ -249,7 +250,7 @@ def cold_start(base: torch.nn.Module, world, config: R1Config, checkpoint_dir: s
                progress: bool = True) -> torch.nn.Module:
     """Stage 1: SFT of a copy of the base model on cold_start_data. Returns the new model; `base` is unchanged."""
     texts = cold_start_data(world, config.cold_start_examples, config.seed)
-    return _sft(copy.deepcopy(base), texts, world, config, config.cold_start_steps, _path(checkpoint_dir), progress)
+    return sft(copy.deepcopy(base), texts, world, config, config.cold_start_steps, _path(checkpoint_dir), progress)
 
 
 def brevity_reward(completion: object, problem: Problem) -> float:
@@ -341,7 +342,7 @@ def rejection_sft(base: torch.nn.Module, rl_model: torch.nn.Module, world, confi
         load_checkpoint(folder, model)
         return model.eval(), json.loads((folder / "rejection.json").read_text(encoding="utf-8"))
     texts, info = rejection_sample(rl_model, world, config)
-    model = _sft(model, texts, world, config, config.sft_steps, folder, progress)
+    model = sft(model, texts, world, config, config.sft_steps, folder, progress)
     if folder is not None:
         atomic_write_text(folder / "rejection.json", json.dumps(info) + "\n")
     return model, info
