@@ -43,9 +43,9 @@ from dslib.train import TrainConfig, Trainer
 from dslib.transformer import Transformer, TransformerConfig
 from dslib.world import PackedData, World, WorldConfig
 
-__all__ = ["BaseRecipe", "BASE_RECIPE", "STEPS_MIX", "STEPS_RECIPE", "BILINGUAL_WORLD", "BILINGUAL_RECIPE", "R1ZeroRecipe", "R1ZERO_RECIPE", "cache_dir",
+__all__ = ["BaseRecipe", "BASE_RECIPE", "STEPS_MIX", "STEPS_RECIPE", "BILINGUAL_WORLD", "BILINGUAL_RECIPE", "STUDENT_RECIPES", "R1ZeroRecipe", "R1ZERO_RECIPE", "cache_dir",
            "base_world", "base_model", "base_model_path", "base_model_info", "recipe_key", "r1zero_model",
-           "r1zero_model_path", "r1zero_model_info", "R1Recipe", "R1_RECIPE", "r1_model", "r1_model_path",
+           "r1zero_model_path", "r1zero_model_info", "R1Recipe", "R1_RECIPE", "STUDENT_RL_RECIPES", "r1_model", "r1_model_path",
            "r1_runs_path", "r1_model_info"]
 
 FORMAT_VERSION = 1  # bump when the stored layout or the training code changes what a recipe produces
@@ -65,6 +65,7 @@ class BaseRecipe:
     n_layer: int = 4
     n_head: int = 4
     seq_len: int = 96
+    n_kv_head: int | None = None  # None: as many KV heads as query heads (MHA); fewer: GQA (chapter 08's students)
     batch_size: int = 20
     steps: int = 2400
     lr: float = 3e-3
@@ -85,7 +86,7 @@ class BaseRecipe:
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
         return TransformerConfig(vocab_size=vocab_size, d_model=self.d_model, n_layer=self.n_layer,
-                                 n_head=self.n_head, max_seq_len=self.seq_len)
+                                 n_head=self.n_head, n_kv_head=self.n_kv_head, max_seq_len=self.seq_len)
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(steps=self.steps, lr=self.lr, warmup_steps=min(self.warmup_steps, self.steps - 1),
@@ -104,6 +105,13 @@ STEPS_RECIPE = BaseRecipe(world={"mix": STEPS_MIX})
 # solutions run to 112 tokens, so the context is 128.
 BILINGUAL_WORLD = {"prompt_en_rate": 0.5, "en_rate": 0.03, "switch_rate": 0.03}
 BILINGUAL_RECIPE = BaseRecipe(world=BILINGUAL_WORLD, seq_len=128)
+
+# Chapter 08's students: smaller dense models of another shape than the teacher (grouped-query attention, as R1's
+# students Qwen and Llama differ from DeepSeek-V3), each pretrained on the bilingual corpus with the same recipe.
+STUDENT_RECIPES = {
+    "S": BaseRecipe(world=BILINGUAL_WORLD, seq_len=128, d_model=48, n_layer=3, n_head=4, n_kv_head=1),
+    "M": BaseRecipe(world=BILINGUAL_WORLD, seq_len=128, d_model=64, n_layer=3, n_head=4, n_kv_head=2),
+}
 
 
 def cache_dir() -> Path:
@@ -348,8 +356,12 @@ class R1Recipe:
 
     base: BaseRecipe = BILINGUAL_RECIPE
     r1: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[str, ...] | None = None  # names from R1_VARIANTS to build (None: all of them)
 
     def __post_init__(self) -> None:
+        known = _r1_variants()
+        if self.variants is not None and (not self.variants or any(v not in known for v in self.variants)):
+            raise ValueError(f"R1Recipe.variants={self.variants!r} is invalid: None or names from {tuple(known)}")
         if not isinstance(self.r1, dict) or "seed" in self.r1:
             raise ValueError(f"R1Recipe.r1={self.r1!r} is invalid: a dict of R1Config fields without 'seed' (the "
                              f"seed is r1_model's)")
@@ -360,6 +372,10 @@ class R1Recipe:
 
         return R1Config(**{**self.r1, "seed": seed})
 
+    def variant_skips(self) -> dict[str, tuple[str, ...]]:
+        known = _r1_variants()
+        return known if self.variants is None else {v: known[v] for v in self.variants}
+
 
 def _r1_variants() -> dict[str, tuple[str, ...]]:
     from dslib.r1 import SKIPPABLE
@@ -368,11 +384,14 @@ def _r1_variants() -> dict[str, tuple[str, ...]]:
 
 
 R1_RECIPE = R1Recipe()
+# Chapter 08's RL-only students: R1-Zero (stage 2 of R1 without the consistency reward, from the student's own base),
+# with its checkpoints kept so that the chapter can match its compute against distillation's.
+STUDENT_RL_RECIPES = {size: R1Recipe(base=recipe, variants=("R1-Zero",)) for size, recipe in STUDENT_RECIPES.items()}
 
 
 def _r1_full(recipe: R1Recipe, seed: int) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "kind": "r1", "seed": seed, "base": _full_recipe(recipe.base, seed),
-            "r1": asdict(recipe.config(seed)), "variants": _r1_variants()}
+            "r1": asdict(recipe.config(seed)), "variants": recipe.variant_skips()}
 
 
 def r1_model_path(seed: int = 0, recipe: R1Recipe = R1_RECIPE) -> Path:
@@ -397,12 +416,15 @@ def r1_model(seed: int = 0, progress: bool = True, device: torch.device | str | 
         base = base_model(seed, progress, device, recipe=recipe.base)
         world, config = base_world(recipe.base), recipe.config(seed)
         info: dict[str, Any] = {"variant_seconds": {}}
-        for name, skip in _r1_variants().items():
+        final = None
+        for name, skip in recipe.variant_skips().items():
             t0 = time.time()
             out = run_r1(base, world, config, folder / "runs", skip=skip, progress=progress)
             info["variant_seconds"][name] = round(time.time() - t0, 1)
-            if name == "R1":
-                final, info["rejection"] = out["final"], out["rejection"]
+            if name == "R1" or final is None:  # the entry's model: R1 when built, else the first variant's
+                final = out["final"]
+                if "rejection" in out:
+                    info["rejection"] = out["rejection"]
         info["build_seconds"] = round(sum(info["variant_seconds"].values()), 1)
         info["parameters"] = final.num_params()
         return final, info, 0
@@ -451,6 +473,12 @@ def main(argv: list[str] | None = None) -> None:
         info = r1_model_info(seed)
         print(f"R1 study seed {seed}: {r1_model_path(seed)} ({time.time() - t0:.1f} s; built in "
               f"{info.get('build_seconds', 0):.0f} s: {info.get('variant_seconds')})")
+        for size, recipe in STUDENT_RECIPES.items():
+            t0 = time.time()
+            base_model(seed, progress=True, rebuild=args.rebuild, recipe=recipe)
+            r1_model(seed, progress=True, rebuild=args.rebuild, recipe=STUDENT_RL_RECIPES[size])
+            print(f"student {size} seed {seed}: base {base_model_path(seed, recipe)}, RL-only "
+                  f"{r1_model_path(seed, STUDENT_RL_RECIPES[size])} ({time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

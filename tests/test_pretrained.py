@@ -150,3 +150,21 @@ def test_r1_study_builds_every_variant_then_loads(tmp_cache):
     assert r1_model_path(0, recipe) != r1_model_path(1, recipe)
     with pytest.raises(ValueError, match="seed"):
         R1Recipe(r1={"seed": 1})
+
+
+def test_r1_recipe_variants_and_student_recipes():
+    from dslib.pretrained import R1_RECIPE, STUDENT_RECIPES, STUDENT_RL_RECIPES, R1Recipe, r1_model_path
+
+    with pytest.raises(ValueError, match="variants"):
+        R1Recipe(variants=("no such variant",))
+    with pytest.raises(ValueError, match="variants"):
+        R1Recipe(variants=())
+    only = R1Recipe(variants=("R1-Zero",))
+    assert list(only.variant_skips()) == ["R1-Zero"] and len(R1_RECIPE.variant_skips()) == 6
+    assert r1_model_path(0, only) != r1_model_path(0, R1_RECIPE)
+    # The students are smaller than the teacher's base and of another shape (fewer KV heads).
+    vocab = base_world(BASE_RECIPE).tokenizer.vocab_size
+    for size, recipe in STUDENT_RECIPES.items():
+        cfg = recipe.model_config(vocab)
+        assert cfg.n_kv_head < cfg.n_head and cfg.d_model < R1_RECIPE.base.d_model
+        assert STUDENT_RL_RECIPES[size].base == recipe and recipe.world == R1_RECIPE.base.world
