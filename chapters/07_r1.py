@@ -75,6 +75,7 @@ from IPython.display import HTML, display
 
 import dslib
 from dslib.book import Ledger
+from dslib.diagram import Diagram
 from dslib.checkpoint import load_checkpoint
 from dslib.explore import explore
 from dslib.pretrained import (BILINGUAL_RECIPE, R1_RECIPE, base_model, base_world, r1_model, r1_model_info,
@@ -117,41 +118,27 @@ tok = world.tokenizer
 # %%
 def draw_stages():
     """R1's four stages, as this chapter builds them, with R1-Zero beside them for comparison."""
-    fig, ax = plt.subplots(figsize=(13, 4.2))
-    ax.set_xlim(0, 13)
-    ax.set_ylim(0, 4.2)
-    ax.axis("off")
+    d = Diagram(13, 4.2, "DeepSeek-R1's pipeline in miniature (R1 paper, section 2.3)")
 
-    def box(x, y, w, h, text, color):
-        ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=color, edgecolor="#333333", lw=1.2, zorder=2))
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5, zorder=3)
-
-    def arrow(x0, y0, x1, y1, text="", dy=0.12):
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", lw=1.3, color="#333333"))
-        if text:
-            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + dy, text, ha="center", fontsize=7.5, color="#555555")
-
-    box(0.1, 1.6, 1.7, 1.0, "bilingual\nbase model\n(cached)", "#dbe9f6")
-    box(2.4, 2.9, 2.1, 1.0, "1. cold start\nSFT on 1,000 readable\nsingle-language solutions", "#fdebd0")
-    box(5.1, 2.9, 2.1, 1.0, "2. reasoning RL\nGRPO: accuracy + format\n+ language consistency", "#fdebd0")
-    box(7.8, 2.9, 2.3, 1.0, "3. rejection sampling\nkeep right, readable,\none-language samples\n+ bare easy answers",
-        "#fdebd0")
-    box(10.7, 2.9, 2.2, 1.0, "4. RL, all scenarios\nrules + language\n+ brevity on easy ones", "#fdebd0")
-    arrow(1.8, 2.4, 2.4, 3.3)
-    arrow(4.5, 3.4, 5.1, 3.4)
-    arrow(7.2, 3.4, 7.8, 3.4, "sample")
-    arrow(10.1, 3.4, 10.7, 3.4)
-    box(7.8, 1.45, 2.3, 0.8, "SFT of the *base*\nmodel on the kept data", "#fdebd0")
-    arrow(8.95, 2.9, 8.95, 2.25)
-    arrow(1.8, 1.85, 7.8, 1.85, "the base model again (as R1 took V3-Base)", dy=-0.25)
-    arrow(10.1, 1.85, 11.8, 2.9)
-    box(2.4, 0.15, 4.8, 0.8, "R1-Zero: GRPO with accuracy + format only, straight from the base", "#eeeeee")
-    arrow(1.0, 1.6, 2.4, 0.55)
-    box(7.8, 0.15, 5.1, 0.8, "measured on problems in both languages: accuracy, language,\nmixing, readability, length",
-        "#d5f5e3")
-    ax.set_title("DeepSeek-R1's pipeline in miniature (R1 paper, section 2.3)", fontsize=11)
-    plt.tight_layout()
-    plt.show()
+    d.box(0.1, 1.6, 1.7, 1.0, "bilingual\nbase model\n(cached)", "model")
+    d.box(2.4, 2.9, 2.1, 1.0, "1. cold start\nSFT on 1,000 readable\nsingle-language solutions", "stage")
+    d.box(5.1, 2.9, 2.1, 1.0, "2. reasoning RL\nGRPO: accuracy + format\n+ language consistency", "stage")
+    d.box(7.8, 2.9, 2.3, 1.0, "3. rejection sampling\nkeep right, readable,\none-language samples\n+ bare easy answers",
+        "stage")
+    d.box(10.7, 2.9, 2.2, 1.0, "4. RL, all scenarios\nrules + language\n+ brevity on easy ones", "stage")
+    d.arrow(1.8, 2.4, 2.4, 3.3)
+    d.arrow(4.5, 3.4, 5.1, 3.4)
+    d.arrow(7.2, 3.4, 7.8, 3.4, "sample")
+    d.arrow(10.1, 3.4, 10.7, 3.4)
+    d.box(7.8, 1.45, 2.3, 0.8, "SFT of the *base*\nmodel on the kept data", "stage")
+    d.arrow(8.95, 2.9, 8.95, 2.25)
+    d.arrow(1.8, 1.85, 7.8, 1.85, "the base model again (as R1 took V3-Base)", dy=-0.25)
+    d.arrow(10.1, 1.85, 11.8, 2.9)
+    d.box(2.4, 0.15, 4.8, 0.8, "R1-Zero: GRPO with accuracy + format only, straight from the base", "baseline")
+    d.arrow(1.0, 1.6, 2.4, 0.55)
+    d.box(7.8, 0.15, 5.1, 0.8, "measured on problems in both languages: accuracy, language,\nmixing, readability, length",
+        "measure")
+    d.show()
 
 
 draw_stages()

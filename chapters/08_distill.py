@@ -74,6 +74,7 @@ from IPython.display import HTML, display
 
 import dslib
 from dslib.book import Ledger
+from dslib.diagram import Diagram
 from dslib.checkpoint import load_checkpoint
 from dslib.explore import explore
 from dslib.pretrained import (BILINGUAL_RECIPE, STUDENT_RECIPES, STUDENT_RL_RECIPES, base_model, base_world,
@@ -113,39 +114,24 @@ tok = world.tokenizer
 # %%
 def draw_distillation():
     """The two routes to a small reasoner: learn from the teacher's samples, or run RL on the student itself."""
-    fig, ax = plt.subplots(figsize=(12.5, 3.8))
-    ax.set_xlim(0, 12.5)
-    ax.set_ylim(0, 3.8)
-    ax.axis("off")
+    d = Diagram(12.5, 3.8, "Distillation against RL on a small model (R1 paper, sections 2.4 and 4.1), in miniature")
 
-    def box(x, y, w, h, text, color):
-        ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=color, edgecolor="#333333", lw=1.2, zorder=2))
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5, zorder=3)
-
-    def arrow(x0, y0, x1, y1, text=""):
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", lw=1.3, color="#333333"))
-        if text:
-            ax.text((x0 + x1) / 2, (y0 + y1) / 2 + 0.12, text, ha="center", fontsize=7.5, color="#555555")
-
-    box(0.1, 2.5, 2.0, 1.0, "teacher: R1\n(chapter 07, 0.46M)", "#fdebd0")
-    box(2.8, 2.5, 2.4, 1.0, "sample k per fresh\nproblem; keep right,\nreadable, one language", "#fdebd0")
-    box(5.9, 2.5, 2.4, 1.0, "sequence-level:\nSFT on the kept texts", "#d5f5e3")
-    box(5.9, 1.3, 2.4, 0.9, "logit-level: KL to the\nteacher's next tokens", "#d5f5e3")
-    box(9.2, 1.8, 3.1, 1.2, "students S and M\n(GQA: another shape)\nmeasured like chapter 07", "#dbe9f6")
-    box(2.8, 0.2, 2.4, 0.8, "student's own base\n(pretrained, cached)", "#dbe9f6")
-    box(5.9, 0.1, 2.4, 0.9, "RL only: GRPO with\nR1-Zero's rules", "#eeeeee")
-    arrow(2.1, 3.0, 2.8, 3.0)
-    arrow(5.2, 3.0, 5.9, 3.0, "data")
-    arrow(4.0, 1.0, 5.9, 1.75, "init")
-    arrow(4.0, 1.0, 5.9, 2.6)
-    arrow(5.2, 0.6, 5.9, 0.55)
-    arrow(8.3, 3.0, 9.2, 2.6)
-    arrow(8.3, 1.75, 9.2, 2.3)
-    arrow(8.3, 0.55, 9.2, 1.9, "same FLOPs?")
-    ax.set_title("Distillation against RL on a small model (R1 paper, sections 2.4 and 4.1), in miniature",
-                 fontsize=11)
-    plt.tight_layout()
-    plt.show()
+    d.box(0.1, 2.5, 2.0, 1.0, "teacher: R1\n(chapter 07, 0.46M)", "model")
+    d.box(2.8, 2.5, 2.4, 1.0, "sample k per fresh\nproblem; keep right,\nreadable, one language", "stage")
+    d.box(5.9, 2.5, 2.4, 1.0, "sequence-level:\nSFT on the kept texts", "stage")
+    d.box(5.9, 1.3, 2.4, 0.9, "logit-level: KL to the\nteacher's next tokens", "stage")
+    d.box(9.2, 1.8, 3.1, 1.2, "students S and M\n(GQA: another shape)\nmeasured like chapter 07", "model")
+    d.box(2.8, 0.2, 2.4, 0.8, "student's own base\n(pretrained, cached)", "model")
+    d.box(5.9, 0.1, 2.4, 0.9, "RL only: GRPO with\nR1-Zero's rules", "baseline")
+    d.arrow(2.1, 3.0, 2.8, 3.0)
+    d.arrow(5.2, 3.0, 5.9, 3.0, "data")
+    d.arrow(4.0, 1.0, 5.9, 1.75, "init")
+    d.arrow(4.0, 1.0, 5.9, 2.6)
+    d.arrow(5.2, 0.6, 5.9, 0.55)
+    d.arrow(8.3, 3.0, 9.2, 2.6)
+    d.arrow(8.3, 1.75, 9.2, 2.3)
+    d.arrow(8.3, 0.55, 9.2, 1.9, "same FLOPs?")
+    d.show()
 
 
 draw_distillation()
