@@ -13,13 +13,15 @@ calls load it in a second.
 - A corrupt or incomplete entry (a truncated file, a missing file, a recipe that does not match its name) is **rebuilt**,
   with a warning that names the folder; `rebuild=True` forces a rebuild.
 
-Five entries are cached this way: the base model (`base_model`, chapter 00's recipe), a second base model pretrained
+These entries are cached this way: the base model (`base_model`, chapter 00's recipe), a second base model pretrained
 on a corpus where plain step-by-step solutions are common (`base_model(recipe=STEPS_RECIPE)`, chapter 06's contrast),
 the R1-Zero model (`r1zero_model`: GRPO from the base model with chapter 06's recipe), the bilingual base model of
 chapter 07 (`base_model(recipe=BILINGUAL_RECIPE)`: problems stated in symbols or in words) and chapter 07's R1 study
 (`r1_model`: R1's four stages, R1-Zero and one-stage-out ablations from the bilingual base; the entry keeps every
-stage's checkpoints, and its model is the final R1 for chapters 08 and 09). `python -m dslib.pretrained` builds them
-all (seed 0) and prints where they are.
+stage's checkpoints, and its model is the final R1 for chapters 08 and 09). Chapter 08 adds two students
+(`base_model(recipe=STUDENT_RECIPES[size])`, smaller GQA models on the bilingual corpus) and their RL-only runs
+(`r1_model(recipe=STUDENT_RL_RECIPES[size])`: R1-Zero from the student's base, checkpoints kept).
+`python -m dslib.pretrained` builds them all (seed 0) and prints where they are.
 """
 
 from __future__ import annotations
