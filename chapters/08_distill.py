@@ -88,7 +88,7 @@ device = dslib.setup(seed=0, threads=dslib.sized(small=1, full=None))
 SCALE = dslib.scale()
 CHAPTER_START = time.time()
 SIZES = dslib.sized(
-    small={"teacher_problems": 1600, "teacher_k": 2, "sft_steps": 300, "eval_problems": 100, "k": 4,
+    small={"teacher_problems": 1600, "teacher_k": 2, "sft_steps": 240, "eval_problems": 100, "k": 4,
            "data_sizes": (200,)},
     full={"teacher_problems": 8000, "teacher_k": 4, "sft_steps": 1500, "eval_problems": 400, "k": 16,
           "data_sizes": (100, 300, 1000, 3000)},
