@@ -201,19 +201,17 @@ def _load_transformer(path: Path, want: dict[str, Any], device: torch.device) ->
 
 def _store(path: Path, model: Transformer, want: dict[str, Any], info: dict[str, Any], step: int,
            tmp: Path) -> None:
-    """Write an entry into its temporary folder, then rename it into place (an interrupted build leaves nothing)."""
+    """Write an entry into its temporary folder, then rename it into place (an interrupted build leaves nothing; the
+    caller, _cached, removes the temporary folder whatever happens)."""
+    tmp.chmod(0o755)
+    save_checkpoint(tmp, model, model.config.to_dict(), step=step)
+    atomic_write_text(tmp / "recipe.json", json.dumps({"recipe": want, **info}, indent=2, default=list) + "\n")
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
     try:
-        tmp.chmod(0o755)
-        save_checkpoint(tmp, model, model.config.to_dict(), step=step)
-        atomic_write_text(tmp / "recipe.json", json.dumps({"recipe": want, **info}, indent=2, default=list) + "\n")
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process put a complete entry there first: keep it
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp, path)
+    except OSError:  # another process put a complete entry there first: keep it
+        pass
 
 
 def _check_seed(seed: Any) -> None:
