@@ -6,6 +6,11 @@ batches with AdamW: forward, cross-entropy, backward, optimizer step. Contenders
 round counts. transformers runs in its default experts implementation and in each other one it offers; the fastest is
 the peer. Prints tokens per second and ratios; the last line is the headline ratio.
 
+For planning the capstone's budget it also times, on the arithmetic world's packed corpus, the training steps the course
+runs: the dense base model (dslib.pretrained.BASE_RECIPE: width 96, 4 layers, 20 rows of 96 tokens, next-token loss)
+and DeepSeek-V3-mini (chapter 04's V3Config at the world's vocabulary, one MTP module, V3's loss with lambda 0.3), on
+the same batches; printed as `tokens/s ...` lines before the headline.
+
     python benchmarks/v3_train_step.py [--batch 8] [--seq 128] [--hidden 128] [--layers 4] [--experts 16] [--topk 4]
 """
 
@@ -20,7 +25,49 @@ import torch
 import torch.nn.functional as F
 
 import dslib
-from dslib.v3 import DeepSeekV3
+from dslib.mtp import mtp_loss
+from dslib.pretrained import BASE_RECIPE, base_world
+from dslib.train import batch_loss
+from dslib.transformer import Transformer
+from dslib.v3 import DeepSeekV3, V3Config
+from dslib.world import PackedData
+
+
+def course_models_rate(device: torch.device, rounds: int, steps: int) -> dict[str, float]:
+    """Training-step tokens/s of the course's dense base model and of V3-mini on the world's packed corpus."""
+    recipe = BASE_RECIPE
+    world = base_world(recipe)
+    vocab = world.tokenizer.vocab_size
+    data = PackedData([d.text for d in world.corpus()[:20000]], world.tokenizer, recipe.seq_len, recipe.batch_size,
+                      seed=0)
+    torch.manual_seed(0)
+    dense = Transformer(recipe.model_config(vocab)).to(device)
+    v3 = DeepSeekV3(V3Config(vocab_size=vocab, num_nextn_predict_layers=1,
+                             max_position_embeddings=recipe.seq_len)).to(device)
+    models = {f"dense base ({dense.num_params():,} parameters)": (dense, lambda m, b: batch_loss(m, b)),
+              f"V3-mini ({v3.num_params(mtp=True):,} parameters, MTP)": (v3, lambda m, b: mtp_loss(m, b, 0.3)[0])}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, (m, _) in models.items()}
+    times = {name: [] for name in models}
+    step = 0
+    for r in range(rounds + 1):  # the first round warms up
+        for name, (m, loss_fn) in models.items():
+            m.train()
+            batches = [data.batch(step + i, device) for i in range(steps)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for b in batches:
+                loss = loss_fn(m, b)
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+        step += steps
+    tokens = steps * recipe.batch_size * recipe.seq_len
+    return {name: tokens / statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -115,6 +162,9 @@ def main() -> None:
           f"{args.layers} layers, {args.experts} experts (top-{args.topk}), hidden {d}")
     for name, r in rate.items():
         print(f"{name:<40}{r:>12,.0f} tokens/s")
+    course = course_models_rate(device, args.rounds, args.steps)
+    for name, r in course.items():
+        print(f"tokens/s of the course's {name}, training on the world corpus: {r:,.0f}")
     peers = {k: v for k, v in rate.items() if k.startswith("transformers")}
     fastest = max(peers, key=peers.get)
     default = next(iter(peers))

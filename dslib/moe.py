@@ -164,14 +164,64 @@ class Router(nn.Module):
 DISPATCH = ("auto", "loop", "grouped")
 
 
+def _per_expert(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a (M, K) in blocks by expert (offs: the blocks' cumulative ends), w (E, N, K) -> (M, N): block e times w[e]^T."""
+    return F.grouped_mm(a, w.transpose(1, 2), offs=offs)
+
+
+def _weight_grads(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """g (M, N), a (M, K) in the same blocks -> (E, N, K): block e of g transposed times block e of a."""
+    return F.grouped_mm(g.t(), a, offs=offs)
+
+
+class ExpertProducts(torch.autograd.Function):
+    """The routed experts on pairs sorted by expert, forward and backward by hand (the grouped dispatch).
+
+    forward(x (N, d), token (P,), weight (P,), offs (E,), gate, up (E, I, d), down (E, d, I)) -> (N, d): pair p runs
+    token[p] through its expert (the block of pairs that offs assigns it) and adds weight[p] times the result to that
+    token. Gate and up run as one product of width 2I; the weight scales the hidden activation, not the output."""
+
+    @staticmethod
+    def forward(ctx, x, token, weight, offs, gate, up, down):
+        i = down.shape[2]
+        w_gu = torch.cat([gate, up], dim=1)  # (E, 2I, d): one product for gate and up
+        xs = x.to(down.dtype).index_select(0, token)  # (P, d)
+        gu = _per_expert(xs, w_gu, offs)  # (P, 2I)
+        act = F.silu(gu[:, :i])
+        h = act * gu[:, i:]  # silu(gate x) * up x
+        hw = h * weight[:, None].to(h.dtype)
+        out = x.new_zeros(x.shape, dtype=down.dtype).index_add_(0, token, _per_expert(hw, down, offs))
+        ctx.save_for_backward(token, weight, offs, w_gu, down, xs, gu, act, h, hw)
+        ctx.x_dtype = x.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, weight, offs, w_gu, down, xs, gu, act, h, hw = ctx.saved_tensors
+        i = down.shape[2]
+        g_out = grad.to(down.dtype).index_select(0, token)  # (P, d): each pair's share of the gradient
+        g_down = _weight_grads(g_out, hw, offs)  # (E, d, I)
+        g_hw = _per_expert(g_out, down.transpose(1, 2), offs)  # (P, I)
+        g_weight = (g_hw * h).sum(dim=1).to(weight.dtype)
+        g_h = g_hw.mul_(weight[:, None].to(g_hw.dtype))
+        g_gu = torch.empty_like(gu)
+        torch.mul(g_h, act, out=g_gu[:, i:])  # d/d(up x)
+        torch.ops.aten.silu_backward(g_h.mul_(gu[:, i:]), gu[:, :i], grad_input=g_gu[:, :i])  # d/d(gate x)
+        g_w_gu = _weight_grads(g_gu, xs, offs)  # (E, 2I, d)
+        g_xs = _per_expert(g_gu, w_gu.transpose(1, 2), offs)  # (P, d)
+        g_x = grad.new_zeros(grad.shape, dtype=down.dtype).index_add_(0, token, g_xs)
+        return g_x.to(ctx.x_dtype), None, g_weight, None, g_w_gu[:, :i], g_w_gu[:, i:], g_down
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts, stacked: gate_proj, up_proj (E, I, d) and down_proj (E, d, I). Slice e of each is the
     weight of an nn.Linear, so expert e computes down_e(silu(gate_e x) * up_e x).
 
     forward sorts the (token, expert) pairs by expert and runs each expert once on its contiguous block of tokens; the
     weighted outputs go back to their tokens with index_add. No token is dropped. `dispatch` chooses the products:
-    "loop" (one per expert, any device), "grouped" (F.grouped_mm, one call for all experts) or "auto" (grouped on the
-    CPU, where it measured fastest for training, when PyTorch has it; a loop elsewhere)."""
+    "loop" (one per expert, on autograd, any device and dtype), "grouped" (ExpertProducts: F.grouped_mm with gate and up
+    fused, backward by hand) or "auto" (grouped on the CPU when PyTorch has F.grouped_mm and autocast is off, where it
+    measured fastest; the loop elsewhere)."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -180,13 +230,21 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, d))
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
-        self.dispatch = "auto"  # "loop": a product per expert; "grouped": F.grouped_mm; "auto": grouped on CPU
+        self.dispatch = "auto"  # "loop": a product per expert; "grouped": ExpertProducts; "auto": grouped on CPU
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=config.init_std)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on x (..., d)."""
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"Experts.dispatch={self.dispatch!r} is invalid: one of {DISPATCH} is required")
+        if self.dispatch == "grouped" and not hasattr(F, "grouped_mm"):
+            raise ValueError("Experts.dispatch='grouped' needs torch.nn.functional.grouped_mm (PyTorch 2.10 or later)")
+        return self.dispatch == "grouped" or (self.dispatch == "auto" and x.device.type == "cpu"
+                                              and hasattr(F, "grouped_mm") and not torch.is_autocast_enabled("cpu"))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, d), indices and weights (N, k) -> sum_j weights[:, j] * expert_{indices[:, j]}(x): (N, d)."""
@@ -195,24 +253,16 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # pairs sorted by expert
         counts = torch.bincount(flat, minlength=self.n_experts)  # tokens per expert
         token = order // k
+        weight = weights.reshape(-1)[order]  # each sorted pair's gating weight
+        if self._grouped(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return ExpertProducts.apply(x, token, weight, counts.cumsum(0).to(torch.int32), self.gate_proj,
+                                            self.up_proj, self.down_proj)
         xs = x.index_select(0, token)  # (N k, d): each token once per chosen expert, grouped by expert
-        if self.dispatch not in DISPATCH:
-            raise ValueError(f"Experts.dispatch={self.dispatch!r} is invalid: one of {DISPATCH} is required")
-        if self.dispatch == "grouped" and not hasattr(F, "grouped_mm"):
-            raise ValueError("Experts.dispatch='grouped' needs torch.nn.functional.grouped_mm (PyTorch 2.10 or later)")
-        grouped = self.dispatch == "grouped" or (self.dispatch == "auto" and x.device.type == "cpu"
-                                                 and hasattr(F, "grouped_mm"))
-        if grouped:
-            offs = counts.cumsum(0).to(torch.int32)
-            xs = xs.to(self.gate_proj.dtype)
-            h = F.silu(F.grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offs)) \
-                * F.grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offs)
-            ys = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # (N k, d)
-        else:
-            gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-            ys = torch.cat([F.linear(F.silu(F.linear(chunk, gate[e])) * F.linear(chunk, up[e]), down[e])
-                            for e, chunk in enumerate(xs.split(counts.tolist()))])
-        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        ys = torch.cat([F.linear(F.silu(F.linear(chunk, gate[e])) * F.linear(chunk, up[e]), down[e])
+                        for e, chunk in enumerate(xs.split(counts.tolist()))])
+        ys = ys * weight[:, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
 
