@@ -8,6 +8,8 @@ Hand-written plumbing (DESIGN.md, "How code flows from a chapter into dslib"); n
     python -m dslib.book run [00 ...] [--scale small|full] [--timeout SECONDS]
                                     execute chapters' notebooks, timed against their budgets
     python -m dslib.book ledger     every chapter's claims ledger: the paper's claims next to our measurements
+    python -m dslib.book reading    each chapter against the reader's standard (prose share, code cells, diagrams)
+    python -m dslib.book git-filter once per clone: `git add` strips notebooks' outputs (nbstripout as a git filter)
 
 The manifest is `book.toml` at the root of the repository (the folder that holds it; `DSLIB_ROOT` overrides the search).
 Chapters are jupytext percent-format scripts, `chapters/NN_slug.py`, paired with `chapters/NN_slug.ipynb`. They use
@@ -25,6 +27,7 @@ import html
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import tomllib
@@ -446,6 +449,22 @@ def _stored_outputs(notebook: dict[str, Any]) -> list[int]:
     ]
 
 
+def _staged_notebook(book: Book, notebook: Path) -> tuple[dict[str, Any] | None, bool]:
+    """The notebook as `git add` has staged it (what a commit would store) and True, when the book is a git checkout
+    that tracks it; (None, False) otherwise (no git, not a checkout, or an untracked file)."""
+    try:
+        done = subprocess.run(["git", "-C", str(book.root), "show", f":{_rel(book, notebook)}"], capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    if done.returncode != 0:
+        return None, False
+    try:
+        return json.loads(done.stdout.decode("utf-8")), True
+    except (ValueError, UnicodeDecodeError):
+        return None, False
+
+
 def _pair_cells_without_jupytext(path: Path) -> list[tuple[str, str]]:
     """(cell type, stripped source) of a percent-format .py or an .ipynb, read without jupytext: enough to compare a
     pair where the dev extra is not installed (markdown lines lose their leading `# `; code is kept as written)."""
@@ -517,11 +536,17 @@ def _check_chapter(book: Book, chapter: Chapter) -> list[str]:
         except (ValueError, UnicodeDecodeError) as err:
             problems.append(f"{chapter.notebook} is not a readable notebook: {err}")
             return problems
-        dirty = _stored_outputs(stored)
+        # Outputs are a problem only where a commit would keep them. In a git checkout that is the staged copy: a reader
+        # who runs a chapter in JupyterLab (which autosaves its outputs) breaks nothing, and `python -m dslib.book
+        # git-filter` makes `git add` strip them. Outside git (an unpacked archive) the file itself is judged.
+        staged, tracked = _staged_notebook(book, notebook)
+        dirty = _stored_outputs(staged if tracked else stored)
         if dirty:
+            where = f"{chapter.notebook} as staged for commit" if tracked else chapter.notebook
             problems.append(
-                f"{chapter.notebook} stores outputs or execution counts (code cells {', '.join(map(str, dirty))}): "
-                f"strip them (`jupytext --to ipynb {chapter.source}` regenerates it clean)"
+                f"{where} stores outputs or execution counts (code cells {', '.join(map(str, dirty))}): run "
+                f"`python -m dslib.book git-filter` once, so that `git add` strips them, and add it again (or "
+                f"regenerate it clean with `jupytext --to ipynb {chapter.source}`)"
             )
         if source.is_file():
             try:
@@ -542,8 +567,9 @@ def check(root: Path | str | None = None) -> list[str]:
 
     Looks for: a manifest that does not validate or names missing files; generated modules that are missing or differ
     from what their chapter exports; export directives that do not match the manifest; a chapter whose .py and .ipynb
-    differ or whose notebook stores outputs; a chapter source without the repository address; and generated modules
-    that no chapter owns any more.
+    differ, or whose notebook stores outputs where a commit would keep them (the staged copy in a git checkout, the file
+    itself elsewhere); a chapter source without the repository address; and generated modules that no chapter owns any
+    more.
     """
     try:
         book = load_book(root)
@@ -881,6 +907,49 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def git_filter(root: Path | str | None = None) -> list[str]:
+    """Set up nbstripout (a dev dependency) as this checkout's git filter for notebooks: `git add` then stores them
+    without outputs or execution counts, keeping their cell ids (so a clean notebook is stored byte for byte as
+    jupytext writes it), and `git diff` compares them without outputs. Local git configuration only (.git/config and
+    .git/info/attributes); returns the settings made."""
+    book = load_book(root)
+    try:
+        import nbstripout  # noqa: F401  (only to fail early with a clear message)
+    except ImportError:
+        raise BookError("nbstripout is not installed: pip install -e '.[dev]' (or pip install nbstripout)") from None
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", "-C", str(book.root), *argv], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BookError(f"git {' '.join(argv)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout.strip()
+
+    try:
+        git_dir = Path(git("rev-parse", "--absolute-git-dir"))
+    except (OSError, BookError) as err:
+        raise BookError(f"{book.root} is not a git checkout (or git is missing): {err}") from None
+    strip = f'"{sys.executable}" -m nbstripout --keep-id'
+    settings = {"filter.nbstripout.clean": strip, "filter.nbstripout.smudge": "cat",
+                "filter.nbstripout.required": "true", "diff.ipynb.textconv": f"{strip} -t"}
+    for key, value in settings.items():
+        git("config", "--local", key, value)
+    attributes = git_dir / "info" / "attributes"
+    attributes.parent.mkdir(parents=True, exist_ok=True)
+    have = attributes.read_text(encoding="utf-8").splitlines() if attributes.is_file() else []
+    lines = ["*.ipynb filter=nbstripout", "*.ipynb diff=ipynb"]
+    missing = [line for line in lines if line not in have]
+    if missing:
+        attributes.write_text("\n".join(have + missing) + "\n", encoding="utf-8")
+    return [f"{k} = {v}" for k, v in settings.items()] + [f"{attributes}: {line}" for line in lines]
+
+
+def _cmd_git_filter(args: argparse.Namespace) -> int:
+    for line in git_filter(args.root):
+        print(line)
+    print("book git-filter: `git add` now strips notebooks' outputs in this checkout")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     book = load_book(args.root)
     print(book.title)
@@ -954,6 +1023,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("ledger", help="every chapter's saved claims ledger").set_defaults(handler=_cmd_ledger)
     commands.add_parser("reading", help="each chapter against the reader's standard: prose share, longest code "
                                         "cell, diagrams").set_defaults(handler=_cmd_reading)
+    commands.add_parser("git-filter", help="once per clone: git add strips notebooks' outputs (nbstripout)") \
+        .set_defaults(handler=_cmd_git_filter)
     return parser
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -186,6 +188,72 @@ def test_check_fails_when_notebook_has_outputs(root: Path) -> None:
     path.write_text(json.dumps(nb))
     problems = check(root)
     assert len(problems) == 1 and "chapters/07_demo.ipynb stores outputs" in problems[0]
+
+
+def _git(root: Path, *argv: str) -> str:
+    done = subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *argv],
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def _with_outputs(path: Path) -> None:
+    nb = json.loads(path.read_text())
+    code = next(cell for cell in nb["cells"] if cell["cell_type"] == "code")
+    code["execution_count"] = 1
+    code["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "hi\n"}]
+    path.write_text(json.dumps(nb, indent=1))
+
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+@needs_git
+def test_check_judges_the_staged_notebook_in_a_git_checkout(root: Path) -> None:
+    """A reader who runs a chapter (outputs saved in the working copy) breaks nothing; staging the outputs does."""
+    export(root)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "clean")
+    path = root / "chapters" / "07_demo.ipynb"
+    _with_outputs(path)
+    assert check(root) == []
+    _git(root, "add", str(path))
+    problems = check(root)
+    assert len(problems) == 1 and "chapters/07_demo.ipynb as staged for commit stores outputs" in problems[0]
+    assert "git-filter" in problems[0]
+
+
+@needs_git
+def test_git_filter_strips_outputs_on_add_and_keeps_clean_notebooks_byte_for_byte(root: Path) -> None:
+    pytest.importorskip("nbstripout")
+    from dslib.book import git_filter
+
+    export(root)
+    _git(root, "init", "-q")
+    path = root / "chapters" / "07_demo.ipynb"
+    clean = path.read_bytes()
+    settings = git_filter(root)
+    assert any("--keep-id" in line for line in settings)
+    assert "nbstripout --keep-id" in _git(root, "config", "--get", "filter.nbstripout.clean")
+    _git(root, "add", "-A")
+    assert _git(root, "show", ":chapters/07_demo.ipynb").encode() == clean  # a clean notebook passes unchanged
+    _with_outputs(path)
+    _git(root, "add", str(path))
+    staged = json.loads(_git(root, "show", ":chapters/07_demo.ipynb"))
+    assert all(not c.get("outputs") and c.get("execution_count") is None
+               for c in staged["cells"] if c["cell_type"] == "code")
+    assert check(root) == []
+    git_filter(root)  # twice: the attributes are not repeated
+    attributes = (root / ".git" / "info" / "attributes").read_text().splitlines()
+    assert attributes.count("*.ipynb filter=nbstripout") == 1
+
+
+def test_git_filter_outside_a_checkout_is_a_clear_error(root: Path) -> None:
+    pytest.importorskip("nbstripout")
+    from dslib.book import BookError, git_filter
+
+    with pytest.raises(BookError, match="not a git checkout"):
+        git_filter(root)
 
 
 def test_check_fails_when_module_has_two_owners(root: Path) -> None:
