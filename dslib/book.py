@@ -618,7 +618,9 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 PROSE_SHARE_MIN = 0.30  # prose: at least 30% of a chapter's non-blank lines
 CODE_CELL_MAX = 80  # no code cell a reader must scroll past runs over 80 non-blank lines
-_DIAGRAM_RE = re.compile(r"^\s*def draw_\w*\(|!\[[^\]]*\]\([^)]*\.(?:svg|png)\)")
+# A diagram: a draw_* function the chapter defines, or an image it embeds from the repository (a relative path: the
+# Colab and Binder badges, images from the web, are not diagrams).
+_DIAGRAM_RE = re.compile(r"^\s*def draw_\w*\(|!\[[^\]]*\]\((?![a-z]+:)[^)]*\.(?:svg|png)\)")
 
 
 @dataclass(frozen=True)

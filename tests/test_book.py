@@ -489,6 +489,9 @@ def test_reading_counts_prose_code_cells_and_diagrams():
     assert any("prose" in p for p in problems) and any("81 non-blank lines" in p for p in problems)
     assert reading("# %% [markdown]\n# prose\n\n# %%\nx = 1\n").problems() == ["no diagram (a draw_* function or an "
                                                                                "embedded image)"]
+    badge = ("# %% [markdown]\n# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://x)"
+             "\n# [![Binder](https://mybinder.org/badge_logo.svg)](https://y)\n")
+    assert reading(badge).diagrams == 0  # the badges are not diagrams
 
 
 def test_new_chapters_meet_the_readers_standard():
