@@ -31,7 +31,22 @@
 #    with a KV cache (section 3);
 # 4. `dslib.train`, a trainer with DeepSeek LLM's multi-step learning-rate schedule, atomic checkpoints and exact
 #    resume (section 4);
-# 5. a base model of about 1M parameters pretrained on the world, and its held-out accuracy (section 5).
+# 5. a base model of about 0.8M parameters pretrained on the world, its held-out accuracy (greedy and sampled), and
+#    the multi-step schedule against cosine (section 5);
+# 6. an explorer for the world's knobs (section 6) and the claims ledger (section 7).
+#
+# **What you need.** This is the first chapter: Python, a little PyTorch (modules, tensors, `loss.backward()`) and the
+# course's dependencies, which the set-up cell installs where they are missing (as on Colab). Nothing from other
+# chapters. **How long.** The chapter is budgeted at about 3 minutes at `small` scale on 2 CPU cores, most of it the
+# pretraining runs of section 5, which print their own time. Reading it with care takes longer: sections 2-4 are
+# the library that every later chapter imports, and each piece is checked against a slow reference right after it is
+# built.
+#
+# **Why it matters for DeepSeek.** Each later chapter changes one piece of what is built here. Chapter 02 keeps the
+# SwiGLU block as its expert and uses the trainer's `after_step` hook for V3's balancing bias; chapter 03 replaces the
+# attention and its KV cache with MLA and reuses the RoPE functions; chapter 04 assembles a V3-mini from those parts;
+# chapters 05-08 prompt the model with this world's problems, grade its answers with this world's checker and train
+# with this trainer. A bug here would surface in every chapter, which is why this one checks so much.
 #
 # **Papers.** DeepSeek LLM (arXiv 2401.02954), section 2 (architecture, hyperparameters, the multi-step schedule);
 # DeepSeek-R1 (arXiv 2501.12948), section 2.2 (the R1-Zero template and rule-based rewards).
@@ -245,7 +260,7 @@ plt.show()
 # written by R1. This is plain SFT, with no RL. The chart plots the R1 paper's Table 5 against model size. The dashed
 # lines are the comparison models from that table, and the solid black line is R1 itself, the teacher (from Table 4).
 # Even the 1.5B student beats GPT-4o-0513 on both benchmarks. From 14B upward the students beat OpenAI-o1-mini on
-# AIME, and the 32B student beats QwQ-32B-Preview, a reasoning model of the same size. Chapter 07 rebuilds this step.
+# AIME, and the 32B student beats QwQ-32B-Preview, a reasoning model of the same size. Chapter 08 rebuilds this step.
 
 # %%
 _, distilled = read_table(asset("r1_distilled.csv"))
@@ -293,7 +308,8 @@ plt.show()
 # %% [markdown]
 # ### The course map
 #
-# Each chapter rebuilds one idea from the list above, in the order in which the papers build on each other.
+# Each chapter rebuilds one idea from the list above, in the order in which the papers build on each other. The
+# table reads the chapter column of the papers' file, so a paper that two chapters share (R1) appears twice.
 
 # %%
 COURSE = [
@@ -303,11 +319,11 @@ COURSE = [
     ("03", "Multi-head Latent Attention (MLA)"),
     ("04", "multi-token prediction and a V3-mini"),
     ("05", "GRPO"),
-    ("06", "R1-Zero's aha moment and the R1 pipeline"),
-    ("07", "distillation"),
-    ("08", "capstone"),
+    ("06", "R1-Zero and the aha moment"),
+    ("07", "DeepSeek-R1's four stages and language consistency"),
+    ("08", "distillation"),
 ]
-FALLBACK = {"00": "the whole family (overview)", "08": "all of the above"}
+FALLBACK = {"00": "the whole family (overview)", "08": "DeepSeek-R1 (2501.12948), its distilled models"}
 width = max(len(topic) for _, topic in COURSE) + 2
 print(f"{'ch':<4}{'topic':<{width}}papers")
 for number, topic in COURSE:
@@ -315,28 +331,53 @@ for number, topic in COURSE:
     print(f"{number:<4}{topic:<{width}}{', '.join(rebuilt) or FALLBACK.get(number, '-')}")
 
 # %% [markdown]
+# The order is also the order of the code: a chapter imports only from the chapters before it. What the miniature
+# keeps from the papers is the equations, the shapes of the tensors and the training recipes; what it drops is the
+# scale (a million parameters, not hundreds of billions) and the data (a synthetic world, not trillions of tokens of
+# web text). The next section builds that world.
+#
 # ## 2. The arithmetic world
 #
 # DeepSeek-R1-Zero was trained on problems whose answers a rule can check (maths with a final answer, code with tests).
-# Our miniature needs the same: problems that a ~1M-parameter model can partly learn in a minute on a CPU, answers that a
+# Our miniature needs the same: problems that a ~1M-parameter model can partly learn on a CPU, answers that a
 # few lines of code verify, and a pretraining corpus that already contains, rarely and unreliably, the behaviours that
 # reinforcement learning will later amplify: writing out steps, slipping, and stopping to say "wait" and recheck.
 #
-# The design follows a pre-study, measured before the course was written, of what such a world needs:
+# Why verifiable answers? R1-Zero's rewards are rules, not a learned reward model (R1 paper, section 2.2.2): an
+# *accuracy* reward that checks the final answer, and a *format* reward that checks the reasoning sits between
+# `<think>` tags. A rule can only check what has one right answer, so every problem of our world has exactly one,
+# computed by the world itself. A document of the corpus looks like this (the spaces matter; each tag is one token):
+#
+# ```
+# Q:07+35-12 <think>07+35=42 42-12=30</think> <answer> 30 </answer>
+# ```
+#
+# The design follows a pre-study of what such a world needs:
 #
 # - **Problems** are chains of 2-4 numbers joined by `+` and `-` (1-3 operations), every number and every intermediate
-#   result in 0..99, written zero-padded (`07+35-12`). Zero-padding matters: with unpadded numbers a bare answer was as
-#   good as step-by-step work, and nothing grew under RL.
+#   result in 0..99, written zero-padded (`07+35-12`). Zero-padding gives every number the same number of characters,
+#   so every worked step has the same layout and a long chain stays harder to answer at once than step by step. That
+#   gap is what RL needs: if a bare answer were as good as worked steps, there would be nothing for it to amplify.
 # - **Held-out problems** (400, with 3-4 numbers) are fixed by their own seed, so every chapter evaluates on the same
 #   problems, and none of them ever appears in the corpus.
 # - **Solution styles** in the corpus: a bare answer (58%), plain steps (8%, a fifth of them with an uncorrected slip),
 #   guess-then-verify (26%: a quick guess, right 30% of the time, then " wait " and the full computation), slip-then-fix
 #   (3%: a wrong step, " wait ", the step redone) and a slip left in (5%).
 # - **Two surface languages** for the reasoning: symbols (`07+35=42`) and words (`07 plus 35 is 42`), and some
-#   solutions that switch part-way. Chapter 06 uses them to show R1's language mixing and its language-consistency
+#   solutions that switch part-way. Chapter 07 uses them to show R1's language mixing and its language-consistency
 #   reward.
 #
-# The module starts with its configuration, which validates itself.
+# Two shares follow from the mix by arithmetic, and they are worth knowing before you look at the corpus. A document
+# reflects (contains " wait ") when it is guess-then-verify or slip-then-fix: at most $26\% + 3\% = 29\%$ of the
+# corpus. Its final answer is wrong only for a slip left in, or for the fifth of plain-step solutions that carry one:
+# at most $5\% + 0.2 \times 8\% = 6.6\%$, so at least 93.4% of the corpus ends in a right answer. (A slip is dropped
+# when no wrong value fits in range, which moves both shares a little toward "right, no slip".) The corpus is not a
+# teacher that is always right; it is a record of a careless student who sometimes checks the work.
+#
+# The module starts with its configuration, which validates itself. The fields come in four groups: the difficulty
+# (`max_value`, the operand counts, `ops`), the held-out set (`n_heldout`, its own operand counts and `heldout_seed`),
+# the corpus (`n_docs`, `seed`, `mix` and the rates that shape each style), and the language knobs. Chapter 07 turns
+# on `prompt_en_rate` to state some problems in words; at its default of 0 the world is this chapter's.
 
 # %%
 #| default_exp world
@@ -438,8 +479,16 @@ except ValueError as e:
     print("ValueError:", e)
 
 # %% [markdown]
+# A `ValueError` at construction, naming the field, beats a world that quietly builds something else: a config with
+# `max_operands=1` would give problems with nothing to compute, and the first symptom would be a strange training
+# curve minutes later.
+#
 # A problem is its operands and operators; its intermediate values follow. `sample_problem` draws each next operand so
-# that the running value stays in range.
+# that the running value stays in range: after a running value $v$, the next operand of a `+` is drawn from
+# $0..(99 - v)$ and that of a `-` from $0..v$. Drawing whole chains and rejecting those that leave the range would be
+# slower, and would make long chains rarer than short ones. `Problem` is frozen (immutable and hashable), so it can be
+# a dictionary key and can be shared between chapters without being changed by accident. Its `language` field says how
+# the problem is *stated*; the default world states every problem in symbols.
 
 # %%
 #| export
@@ -511,12 +560,23 @@ for _ in range(2000):
 print("2000 random problems: answers match, every intermediate in 0..99")
 
 # %% [markdown]
+# The reference is Python's own parser, run on the problem's text. Two details make it work: Python 3 refuses integer
+# literals with a leading zero (`07`), so the check strips the padding first, and `eval` is safe here only because the
+# text comes from our own generator inside a test. Model output is another matter: the answer checker below parses it
+# and never evaluates it.
+#
 # ### Worked solutions
 #
 # A step is written in symbols or in words. A document is a problem plus a solution in R1-Zero's format; the prompt is
 # the problem followed by an opened `<think>` tag, so a model continues with its reasoning. DeepSeek-R1's own template
 # (its Table 1) wraps the question in a paragraph of instructions; at 128 tokens of context our models cannot afford it,
 # so `r1_zero_prompt` keeps it for reference and `prompt` is the compact form every chapter uses.
+#
+# Ending the prompt with `<think>` does two jobs. At generation time it forces the model to start with reasoning (or
+# to close the tag at once, which is how a bare answer looks: `<think></think> <answer> 42 </answer>`). At training
+# time it marks where the *response* begins: the loss is computed only after it (see "Packed batches" below). A
+# `Document` keeps the parts apart: `prompt`, `completion` (the think text, the closing tag and the answer) and `text`
+# (both), with `correct` and `reflects` as the two facts that the later chapters' measures are built on.
 
 # %%
 #| export
@@ -582,6 +642,17 @@ def r1_zero_prompt(problem: Problem) -> str:
 # The styles. A slip changes one intermediate result by 1-9 and, when it is left in, the later steps build on the wrong
 # value, so the final answer is wrong but the chain is internally consistent, as a careless human's would be. A fixed
 # slip is followed by " wait " and the step redone right.
+#
+# Three helpers write them. `_slipped_chain` picks a wrong value for step `at` and recomputes every later value from
+# it, trying up to 20 offsets; it gives up (returns None) when none keeps the chain in 0..99. `_steps` renders the
+# steps from a list of values, one language per step, and with `fix_at` it writes the slipped step, " wait ", the same
+# step with the true value, and then continues from the true value. `make_document` chooses the style's ingredients
+# and hands them to `_steps`.
+#
+# One design choice in guess-then-verify deserves attention: the " wait " and the full computation follow the guess
+# *always*, also when the guess was right. So in the corpus, writing " wait " is a reliable road to a careful
+# computation, whatever came before it. That is what chapter 06's RL can find and amplify; a corpus in which " wait "
+# only followed wrong guesses would teach a different lesson.
 
 # %%
 #| export
@@ -624,7 +695,17 @@ def _steps(problem: Problem, values: Sequence[int], languages: Sequence[str], fi
         prev = values[i]
     return " ".join(parts)
 
+# %% [markdown]
+# `make_document` first settles the language of the reasoning, then the style. Left to the config (`language=None`),
+# a problem in symbols gets words with probability `en_rate` (10%), a switch part-way with `switch_rate` (5%) and
+# symbols otherwise; a worded problem gets words with probability `en_prompt_consistency` $= c$, and the remaining
+# $1 - c$ splits 2:1 between symbols and a switch. A switch needs two steps at least, so a one-operation problem falls
+# back to a single language. Then, in order: a bare answer has no reasoning at all; guess-then-verify draws a guess
+# (the true answer 30% of the time, else a value within 12 of it); every other style may carry a slip, and only
+# slip-then-fix repairs it.
 
+# %%
+#| export
 def make_document(problem: Problem, style: str, rng: random.Random, cfg: WorldConfig,
                   language: str | None = None) -> Document:
     """Write a solution of `problem` in `style` (one of STYLES). language: "sym", "en", "mixed" or None to draw it
@@ -686,12 +767,26 @@ print()
 print(r1_zero_prompt(p))
 
 # %% [markdown]
+# Read the table of one problem in every style and language: the WRONG rows are the slips left in (and plain steps
+# when they drew a slip), and every right row that reflects has " wait " in its think text. The last line is R1's
+# full template around the same problem; count its characters against the 128-token context to see why the compact
+# prompt is used instead.
+#
 # ### The tokenizer
 #
 # Characters, plus special tokens that are single ids: padding, begin and end of document, the four tags, and " wait "
 # (with its spaces, so that deciding to reflect is one decision for the model). Encoding the whole corpus one character
 # at a time in Python would take seconds, so `encode_many` swaps each special for a private-use character and maps code
 # points through one NumPy lookup table. Any character outside the vocabulary is an error that names it.
+#
+# Why characters, when DeepSeek LLM uses a byte-level BPE vocabulary of about 100k entries (section 2.1)? Two reasons.
+# Arithmetic is about digits, and DeepSeek's tokenizer too splits numbers into single digits; at character level that
+# happens by itself. And a vocabulary of $8 + 96 = 104$ tokens (the specials, then newline and the 95 printable ASCII
+# characters) keeps the embedding and output matrices tiny, so almost all of a 0.8M-parameter model is transformer
+# blocks.
+#
+# The first cell holds the vocabulary; the second the class. Ids 0-7 are the specials, in the order of
+# `SPECIAL_TOKENS` (so `<pad>` is 0), and ids 8 onward are the characters.
 
 # %%
 #| export
@@ -700,7 +795,14 @@ CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and printable 
 _PRIVATE = 0xE000  # specials are swapped for private-use code points while encoding
 _PRIVATE_RE = re.compile("[\ue000-\uf8ff]")
 
+# %% [markdown]
+# The fast path has two pitfalls, and the class handles both. Specials are swapped longest first, so that no shorter
+# special can match inside a longer one. And a text that already contains a private-use character would be read as a
+# special token; such a text is refused along with any other character outside the vocabulary, and the slow scan
+# `_first_unknown` runs only then, to name the text, the position and the character.
 
+# %%
+#| export
 class Tokenizer:
     """Character-level tokenizer with single-token specials: <pad> <bos> <eos>, the think and answer tags, and " wait "
     (spaces included, so that the reflection word is one decision for the model)."""
@@ -813,11 +915,28 @@ except ValueError as e:
     print("ValueError:", e)
 
 # %% [markdown]
+# `encode_slow` is the definition of the tokenizer in six lines: scan left to right and take a special token wherever
+# one starts. The fast encoder must agree with it on every document, and decoding must give the text back. In the
+# printed ids, look for the single id of " wait " (7) and of `<think>` (3) among the character ids. The `×` sign is
+# refused with its code point, which is the error you want when a new world adds an operator and forgets the
+# vocabulary.
+#
 # ### The answer checker
 #
 # Rewards in chapters 05-07 depend on reading the model's answer, and model output is data: it is parsed, never
 # evaluated. `parse_answer` accepts only an integer inside the first `<answer> … </answer>`, and returns None, rather
 # than raising, for anything else.
+#
+# Each rule of the pattern closes a door that RL would otherwise find. Under a reward that pays for a right answer, a
+# policy is pushed toward anything the checker accepts, so the checker must accept exactly the answers we mean:
+#
+# - `re.ASCII` makes `[0-9]` mean the ten ASCII digits, since Python's `int()` also accepts other scripts' digits;
+# - at most 12 digits, with optional spaces or tabs around them, and nothing else inside the tags;
+# - only the *first* answer tag counts: a model that writes several answers, hoping one is right, is graded on the
+#   first, and if the first holds something that is not an integer, the answer is None even when a later tag is fine.
+#
+# R1 made the same choice at scale: rule-based rewards, because a neural reward model "may suffer from reward
+# hacking" (R1 paper, section 2.2.2).
 
 # %%
 #| export
@@ -860,10 +979,26 @@ for text, expected in cases.items():
 print("checker: all", len(cases), "cases as expected")
 
 # %% [markdown]
+# The cases are the ways a completion can go wrong: spaces inside the number, code, scientific notation, another
+# script's digits, two answers, no tags, and not a string at all. The assert requires the expected value for each,
+# and none may raise, which is what a reward function needs: one odd completion in a batch of a thousand must not
+# crash a run.
+#
 # ### The world: held-out problems, the corpus, a validation set
 #
 # `World` ties it together. Everything is a pure function of the config. The held-out set depends only on the
 # difficulty and `heldout_seed`, so changing the corpus mix or its seed never changes what chapters are evaluated on.
+#
+# Three choices make that hold. Each random stream is seeded by a string that names its purpose (`"heldout-2024"`,
+# `"corpus-0"`): Python seeds a `random.Random` from a string by hashing its bytes, the same way on every machine, and
+# each purpose gets its own stream. The held-out problems are drawn first and kept in a set, and `sample_problem`
+# redraws any training problem that matches one in operands and operators, in either language, so no held-out problem
+# reaches the corpus, not even stated in words. And the corpus is built once, on first use, and cached, since the
+# default 150,000 documents take a moment to write.
+#
+# The validation documents are solutions of the *held-out* problems, in the corpus's mix of styles. Their loss
+# measures what the held-out accuracy measures, the model on problems it has never seen, but with a smooth number
+# that moves at every step, where accuracy needs a whole decoding pass.
 
 # %%
 #| export
@@ -957,7 +1092,13 @@ class World:
             raise ValueError(f"{len(completions)} completions for {len(problems)} problems")
         return [is_correct(c, p.answer) for c, p in zip(completions, problems)]
 
+# %% [markdown]
+# `corpus_stats` summarises any list of documents: the shares of styles, languages and chain lengths, how many
+# reflect, how many end in a right answer, and their lengths in characters. The explorer of section 6 uses it on
+# freshly drawn corpora.
 
+# %%
+#| export
 def corpus_stats(docs: Sequence[Document]) -> dict:
     """Shares of styles and languages, reflection and correctness rates, and lengths in characters."""
     n = len(docs)
@@ -989,6 +1130,13 @@ print("held-out: 400 problems, none in the corpus; the same for any corpus seed;
 for d in corpus[:8]:
     print(f"{d.style:>12}: {d.text}")
 
+# %% [markdown]
+# The three asserts are the promises of the class docstring: the held-out set has its 400 problems and none of them
+# is in the corpus; another corpus seed leaves the held-out problems as they are; and two builds of the same config
+# give the same texts. The plot below shows the corpus itself. Compare its bars with the mix (bare 58%, steps 8%,
+# guess-then-verify 26%, slip-then-fix 3%, slip 5%) and the printed reflection and correctness rates with the bounds
+# worked out at the start of this section.
+
 # %%
 stats = corpus_stats(corpus)
 token_lengths = np.array([len(x) + 2 for x in world.tokenizer.encode_many([d.text for d in corpus])])
@@ -1010,11 +1158,33 @@ print(f"reflection (' wait ') in {stats['reflection_rate']:.1%} of documents; fi
 # %% [markdown]
 # ### Packed batches
 #
-# Documents average about 31 tokens, so a row of 96 tokens holds several. Packing them wastes little compute on
-# padding, but a document must not attend to its neighbours, and its positions must restart at 0: each batch carries
-# segment ids (for a block-diagonal causal mask) and per-document positions (for RoPE). The loss is on the response
-# only (everything after `<think>`), as in the pre-study: the model learns to solve, not to pose problems. A batch is
-# a pure function of the step, which is what makes resuming exact.
+# Documents are short (the histogram above prints their mean length in tokens), far shorter than a row of 96 tokens,
+# so one row holds several. Packing them wastes little compute on padding, but a document must not attend to its
+# neighbours, and its positions restart at 0 (exercise 2 asks why, under RoPE, that is a choice and not a
+# necessity): each batch carries segment ids (for a block-diagonal causal mask) and per-document positions (for
+# RoPE). The loss is on the response only (everything after `<think>`), as in the pre-study: the model learns to
+# solve, not to pose problems. A batch is a pure function of the step, which is what makes resuming exact.
+#
+# One packed row, drawn small (two documents and padding; a real row is 97 tokens wide):
+#
+# ```
+# token     <bos> Q : 0 7 + 3 5 <think> ... <eos>  <bos> Q : ... <eos>  <pad> <pad>
+# segment     1   1 1 1 1 1 1 1    1    ...   1      2   2 2 ...   2      0     0
+# position    0   1 2 3 4 5 6 7    8    ...         0   1 2 ...         0     0
+# response    .   . . . . . . .    .    x x   x      .   . . ... x      .     .
+# ```
+#
+# The row is $t+1$ tokens wide because the inputs are its first $t$ tokens and the targets its last $t$ (the same row
+# shifted by one). The loss of a batch is the mean cross-entropy over the positions $i$ whose mask $m_i$ is on:
+#
+# $$\mathcal{L} = \frac{\sum_{i} m_i \,\bigl(-\log p_\theta(x_{i+1} \mid x_{\le i})\bigr)}{\sum_i m_i}, \qquad
+# m_i = [\mathrm{seg}_{i+1} = \mathrm{seg}_i] \cdot [\mathrm{seg}_{i+1} > 0] \cdot [x_{i+1} \in \text{response}].$$
+#
+# The first factor drops the step from one document's `<eos>` to the next one's `<bos>`, which no model can predict;
+# the second drops padding; the third drops the prompt. Packing is greedy and whole-document: documents are taken in
+# an order drawn from the seed, and a new row starts when the next one does not fit, so a document never spans two
+# rows. The constructor does it for all 150,000 documents at once with NumPy index arithmetic instead of a Python loop
+# per token: `local` is each token's position within its document, `where` its flat index in the rows array.
 
 # %%
 #| export
@@ -1105,7 +1275,13 @@ class PackedData:
         return [rows_to_batch({k: a[s:s + self.batch_size] for k, a in self.rows.items()}, device)
                 for s in range(0, n, self.batch_size)]
 
+# %% [markdown]
+# `rows_to_batch` turns raw rows ($t+1$ wide) into the tensors the model and the loss read, each $(b, t)$: inputs and
+# targets shifted by one, positions and segments of the inputs, and the loss mask of the equation above. Keeping it a
+# separate function lets evaluation (`all_batches`) and training (`batch`) share it.
 
+# %%
+#| export
 def rows_to_batch(rows: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in rows.items()}
     seg = t["segments"]
@@ -1141,14 +1317,83 @@ print(f"{len(rebuilt)} documents rebuilt from batch 0; positions restart per doc
       f"batch(step) is deterministic. {packed.rows_per_epoch} rows per epoch, {len(rebuilt) / 8:.1f} documents per row")
 
 # %% [markdown]
+# The reference does by hand, with loops, what the constructor does with index arithmetic: it cuts each raw row into
+# its documents by segment id, checks that every document it finds is one of the inputs, that positions count 0, 1,
+# 2, ... inside each, and it rebuilds the loss mask from "the target comes after the document's `<think>`". A
+# disagreement anywhere in the 8 rows would fail the assert. The last assert builds a second `PackedData` from the
+# same texts and seed and asks for batch 5 directly: the same batch, without replaying steps 0-4, which is what exact
+# resume rests on.
+
+# %% [markdown]
 # ## 3. The DeepSeek LLM transformer
 #
-# DeepSeek LLM (arXiv 2401.02954, section 2.2) "mostly follows the design of LLaMA": a decoder-only transformer with
+# DeepSeek LLM (arXiv 2401.02954, section 2.2) follows LLaMA's design closely: a decoder-only transformer with
 # pre-normalisation by RMSNorm, SwiGLU feed-forward layers (hidden width about 8/3 of the model width), and Rotary
 # Position Embedding. The 67B model replaces multi-head attention by grouped-query attention (64 query heads sharing 8
 # key-value heads) to shrink the KV cache at inference. We build exactly that, small, with a KV cache for decoding.
 #
-# The configuration validates itself. Names follow DeepSeek's reference code where it has them.
+# A layer (a `Block`) is two residual branches, each behind its own RMSNorm. For the hidden states $x$ of shape
+# $(b, t, d)$ (batch, positions, model width):
+#
+# $$h = x + \mathrm{Attention}\bigl(\mathrm{RMSNorm}_1(x)\bigr), \qquad
+# y = h + \mathrm{SwiGLU}\bigl(\mathrm{RMSNorm}_2(h)\bigr).$$
+#
+# "Pre-norm" means the norm sits at the entrance of each branch, not after the sum, so the residual stream $x \to h
+# \to y$ is never normalised inside the stack: each layer adds to it. A final RMSNorm comes before the output head. The
+# model is then: embed the tokens, apply $n_{layer}$ blocks, normalise, project to the vocabulary.
+#
+# | | DeepSeek LLM 7B | DeepSeek LLM 67B | this chapter (`small`) |
+# |---|---|---|---|
+# | layers | 30 | 95 | 4 |
+# | width $d$ | 4096 | 8192 | 128 |
+# | query heads / KV heads | 32 / 32 (MHA) | 64 / 8 (GQA) | 4 / 4 (MHA) |
+# | training tokens | 2T | 2T | about 1.2M |
+#
+# (The paper's numbers are from its Table 2.) The configuration validates itself. Names follow DeepSeek's reference
+# code where it has them. Two of its rules come from the parts below: the head dimension $d / n_{head}$ must be even,
+# because RoPE rotates features in pairs, and $n_{kv\_head}$ must divide $n_{head}$, because each KV head serves an
+# equal group of query heads. The default feed-forward width is $\tfrac83 d$ rounded up to a multiple of 32 (352 for
+# $d = 128$). Why $\tfrac83$: SwiGLU has three matrices where the classic feed-forward block has two, and
+# $3 \cdot d \cdot \tfrac83 d = 8d^2 = 2 \cdot d \cdot 4d$, the same parameter count as the classic block of width
+# $4d$ (an identity).
+
+# %% [markdown]
+# The whole model on one page. Data flows left to right; the dashed frame is one `Block`, repeated $n_{layer}$ times;
+# the lines above the boxes are the residual stream, which each branch adds to and no norm touches.
+
+# %%
+from dslib.diagram import Diagram
+
+
+def draw_deepseek_llm():
+    """The DeepSeek LLM decoder as this section builds it: embedding, n_layer pre-norm blocks, final norm, head."""
+    d = Diagram(13.6, 3.4, "The DeepSeek LLM transformer (arXiv 2401.02954, section 2.2): a LLaMA-style decoder")
+    y, h = 0.9, 1.1
+    d.box(0.1, y, 1.2, h, "token ids\n(b, T)", "baseline")
+    d.box(1.6, y, 1.1, h, "embedding\n(V, d)", "model")
+    d.box(3.1, y, 1.0, h, "RMSNorm", "stage")
+    d.box(4.4, y, 2.0, h, "attention\nRoPE on q and k\nGQA: n_kv KV heads\nKV cache when decoding", "stage")
+    d.box(6.7, y + 0.35, 0.4, 0.4, "+", "measure", fontsize=10)
+    d.box(7.4, y, 1.0, h, "RMSNorm", "stage")
+    d.box(8.7, y, 1.7, h, "SwiGLU\nW_down(silu(W_gate x)\n* W_up x)", "stage")
+    d.box(10.7, y + 0.35, 0.4, 0.4, "+", "measure", fontsize=10)
+    d.box(11.4, y, 2.1, h, "RMSNorm, then the\noutput head (d, V):\nlogits (b, T, V)", "model")
+    mid = y + h / 2
+    for x0, x1 in ((1.3, 1.6), (2.7, 3.1), (4.1, 4.4), (6.4, 6.7), (7.1, 7.4), (8.4, 8.7), (10.4, 10.7),
+                   (11.1, 11.4)):
+        d.arrow(x0, mid, x1, mid)
+    for x0, x1 in ((2.9, 6.9), (7.25, 10.9)):  # the residual stream skips each branch
+        d.ax.plot([x0, x0, x1], [mid, 2.45, 2.45], color="#333333", lw=1.3)
+        d.arrow(x1, 2.45, x1, y + 0.75)
+    d.ax.text(4.9, 2.55, "residual: x + Attention(RMSNorm(x))", fontsize=7.5, color="#555555", ha="center")
+    d.ax.text(9.1, 2.55, "residual: h + SwiGLU(RMSNorm(h))", fontsize=7.5, color="#555555", ha="center")
+    d.ax.add_patch(plt.Rectangle((2.85, 0.55), 8.45, 2.35, fill=False, ls="--", lw=1.0, ec="#777777"))
+    d.ax.text(7.1, 0.63, "one Block, repeated n_layer times (pre-norm: each branch normalises its own input)",
+              fontsize=7.5, color="#555555", ha="center")
+    d.show()
+
+
+draw_deepseek_llm()
 
 # %%
 #| export transformer
@@ -1222,13 +1467,41 @@ for bad in (dict(d_model=100, n_head=3), dict(n_head=4, n_kv_head=3), dict(d_mod
         print("ValueError:", e)
 
 # %% [markdown]
-# **RMSNorm** rescales each vector by its root mean square (no mean subtraction, no bias):
-# $\mathrm{RMSNorm}(x) = x / \sqrt{\tfrac1d\sum_i x_i^2 + \epsilon} \odot g$.
+# **RMSNorm** (Zhang and Sennrich, 2019) rescales each vector by its root mean square, with no mean subtraction and no
+# bias, then multiplies by a learned gain $g$ (initialised to ones):
 #
-# **RoPE** rotates each pair of query and key features by an angle proportional to the position,
-# $\theta_{p,i} = p\cdot\mathrm{base}^{-2i/d}$. Because a rotation by $a$ followed by the inverse of a rotation by $b$
-# is a rotation by $a-b$, the dot product of a rotated query and key depends only on their distance. We rotate
-# interleaved pairs $(x_{2i}, x_{2i+1})$, as RoFormer and DeepSeek's reference code do.
+# $$\mathrm{RMSNorm}(x) = \frac{x}{\sqrt{\tfrac1d\sum_{i=1}^{d} x_i^2 + \epsilon}} \odot g .$$
+#
+# Against LayerNorm it drops the mean subtraction and the bias: one statistic per vector instead of two, and no bias
+# parameters. It keeps what a pre-norm block needs, an input to each branch at a fixed scale. The class computes in
+# float32 whatever the input's dtype: a mean of squares over $d$ features is where bfloat16's short mantissa would
+# lose the most, and under CUDA autocast (section 4) the activations arrive in bfloat16.
+#
+# **RoPE** (Rotary Position Embedding, from the RoFormer paper) encodes positions by rotating the queries and keys, not
+# by adding a vector to the embeddings. The head dimension $d_h$ is cut into $d_h/2$ pairs, and pair $i$ of the vector
+# at position $p$ is rotated by the angle $p\,\omega_i$:
+#
+# $$\begin{pmatrix} x'_{2i} \\ x'_{2i+1} \end{pmatrix} =
+# \begin{pmatrix} \cos p\omega_i & -\sin p\omega_i \\ \sin p\omega_i & \cos p\omega_i \end{pmatrix}
+# \begin{pmatrix} x_{2i} \\ x_{2i+1} \end{pmatrix}, \qquad \omega_i = \mathrm{base}^{-2i/d_h},\ \ i = 0, \dots,
+# d_h/2 - 1 .$$
+#
+# Because a rotation by $a$ followed by the inverse of a rotation by $b$ is a rotation by $a-b$, the dot product of a
+# rotated query at position $m$ and a rotated key at position $n$ is
+# $\langle R_m q, R_n k \rangle = \langle q, R_{n-m} k \rangle$: it depends only on their distance. The frequencies
+# fall geometrically: with base 10000 and $d_h = 32$ (our heads), pair 0 turns by one radian per position and the last
+# pair by $10000^{-30/32} \approx 1.8 \times 10^{-4}$ radians, so some pairs resolve neighbours and others barely move
+# across the whole context.
+#
+# Shapes: `rope_cos_sin` turns positions $(b, t)$ into cos and sin of shape $(b, t, d_h/2)$, computed once per forward
+# and shared by every layer and head; `apply_rope` takes queries or keys $(b, h, t, d_h)$. The positions come from the
+# batch, and for packed rows they restart at 0 in each document, so a document's attention scores are the same
+# whichever documents share its row.
+#
+# We rotate interleaved pairs $(x_{2i}, x_{2i+1})$, as RoFormer and DeepSeek's reference code do. The pitfall: the
+# Llama code in transformers rotates the two *halves* of the head instead, pairing $x_i$ with $x_{i + d_h/2}$. Both are
+# RoPE, but the same weights give different outputs under the two conventions, so moving weights between them needs a
+# permutation of the query and key projections.
 
 # %%
 #| export transformer
@@ -1286,11 +1559,36 @@ assert abs(score(5, 2) - score(40, 37)) < 1e-4
 print("RMSNorm == formula; RoPE == complex rotation; RoPE scores depend on distance only")
 
 # %% [markdown]
-# **SwiGLU**: $\mathrm{FFN}(x) = W_2(\mathrm{SiLU}(W_1 x) \odot W_3 x)$. **Attention** with $n_{kv}$ key-value heads:
-# each serves $n_{head}/n_{kv}$ query heads (GQA; $n_{kv} = n_{head}$ is MHA, $n_{kv}=1$ MQA). During decoding the
-# keys and values of past positions do not change, so a **KV cache** keeps them: each new token costs one row of
-# attention instead of recomputing the whole prefix. Its size per token, $2\,n_{layer} n_{kv} d_{head}$ numbers, is
-# what GQA shrinks, and what MLA (chapter 03) shrinks much further.
+# Each check uses an independent definition. RMSNorm is compared with its formula written out. RoPE is compared with
+# its complex form: a pair $(a, b)$ read as the complex number $a + ib$ and multiplied by $e^{i p \omega_i}$, which is
+# the same rotation written another way, computed by different code. The relative-position property is tested on
+# scores: the pairs (5, 2) and (40, 37) are both 3 apart and must score the same, while (5, 3), 2 apart, differs.
+#
+# **SwiGLU** (Shazeer, 2020) is a gated feed-forward block. With $W_1$ = `gate_proj`, $W_3$ = `up_proj` (both
+# $d \to d_{ff}$) and $W_2$ = `down_proj` ($d_{ff} \to d$):
+#
+# $$\mathrm{FFN}(x) = W_2\bigl(\mathrm{SiLU}(W_1 x) \odot W_3 x\bigr), \qquad \mathrm{SiLU}(z) = z\,\sigma(z).$$
+#
+# One branch decides, feature by feature, how much of the other passes. The layer names are the ones transformers uses
+# for Llama and DeepSeek models, so a checkpoint maps onto them name for name. Chapter 02's experts are this same
+# block, many of them, each narrow.
+#
+# **Attention** with $n_{kv}$ key-value heads: each serves $g = n_{head}/n_{kv}$ query heads (GQA; $n_{kv} = n_{head}$
+# is MHA, $n_{kv}=1$ MQA). Query head $j$ reads KV head $\lfloor j / g \rfloor$, and for each head
+#
+# $$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt{d_h}} + M\right) V,$$
+#
+# where $M$ is 0 where attention is allowed and $-\infty$ where it is not (the causal and document mask). During
+# decoding the keys and values of past positions do not change, so a **KV cache** keeps them: each new token costs one
+# row of attention instead of recomputing the whole prefix. Its size per token, $2\,n_{layer} n_{kv} d_{head}$ numbers
+# (DeepSeek-V2, Table 1, writes it $2 n_g d_h l$ for GQA), is what GQA shrinks, and what MLA (chapter 03) shrinks much
+# further.
+#
+# The code comes in three cells. The first holds `SwiGLU` and the `KVCache`. The cache is allocated once at its full
+# length, $(b, n_{kv}, \text{max\_len}, d_h)$ per layer, and filled in place. Growing it with `torch.cat` at every step
+# would copy the whole cache each time. `update` writes at offset `length` in every layer, and the model, not the
+# layer, advances `length` once per forward, after all layers have written. `select_rows` lets a decoder drop rows
+# that have finished.
 
 # %%
 #| export transformer
@@ -1336,7 +1634,23 @@ class KVCache:
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
 
+# %% [markdown]
+# The second cell is attention and the block. `Attention.forward` projects $x$ $(b, t, d)$ to queries
+# $(b, n_{head}, t, d_h)$ and keys and values $(b, n_{kv}, t, d_h)$, rotates queries and keys with RoPE, appends keys
+# and values to the cache when there is one, and calls PyTorch's `scaled_dot_product_attention`. GQA takes one of two
+# paths:
+#
+# - **training, no cache**: each KV head is repeated for its $g$ query heads (`repeat_interleave` keeps the order
+#   $\lfloor j/g \rfloor$), and attention runs as plain multi-head attention;
+# - **decoding with a cache**: repeating would copy the whole cache $g$ times per step. Instead the $g$ query heads of
+#   a group are folded into extra *rows* of one query tensor of shape $(b, n_{kv}, g\,t, d_h)$, which reads its KV
+#   head as it is. The query heads of a group are adjacent (head $j = \lfloor j/g \rfloor g + r$), so a reshape does it,
+#   and the mask is expanded to the same $g\,t$ rows.
+#
+# `Block` is the pre-norm layer of the equation at the top of this section, in two lines.
 
+# %%
+#| export transformer
 class Attention(nn.Module):
     """Multi-head attention with RoPE and optional grouped KV heads (each KV head serves n_head / n_kv_head queries)."""
 
@@ -1385,7 +1699,17 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
+# %% [markdown]
+# The third cell builds the masks. `document_causal_mask` allows position $i$ to see position $j$ when $j \le i$ and
+# both carry the same segment id: a block-diagonal causal mask, one block per document. `forward_inputs` is the
+# preamble that every dslib language model runs before its layers (chapter 03's MLA model and chapter 04's V3-mini
+# call it too). It picks the positions (from the batch, or $0..t-1$ after the cache's filled part) and the mask. The
+# least obvious case is a chunk of $t > 1$ new tokens after `past` cached ones: query $i$ of the chunk may see keys
+# $0 .. \text{past} + i$, which is a lower-triangular matrix of shape $(t, \text{past} + t)$ shifted right by `past`
+# (`tril(past)`).
 
+# %%
+#| export transformer
 def document_causal_mask(segments: torch.Tensor) -> torch.Tensor:
     """Attention mask for packed rows (b, t) of segment ids: position i sees j when j <= i and both lie in the same
     document. Returns a bool tensor (b, 1, t, t), True where attention is allowed."""
@@ -1434,13 +1758,39 @@ slow = attn.o_proj(out.reshape(2, 6, 32))
 assert torch.allclose(fast, slow, atol=1e-5)
 print("attention (GQA, causal) == per-head loop, max error", f"{(fast - slow).abs().max():.1e}")
 
+# %% [markdown]
+# The reference spells attention out as its definition: for every row, head and query position, a softmax over the
+# scaled dot products with the keys at positions $0..i$, and the weighted sum of the values, reading KV head
+# $\lfloor h/2 \rfloor$ for query head $h$. It shares the projections with the module but none of its reshapes, its
+# GQA path or PyTorch's fused kernel, so an error in any of those (a wrong head order, a missing scale, a mask off by
+# one) shows up as a mismatch.
+
 # %%
 # The document mask: two documents packed in one row of 6 positions.
 print(document_causal_mask(torch.tensor([[1, 1, 1, 2, 2, 0]]))[0, 0].int())
 
 # %% [markdown]
+# Read the matrix by rows: row $i$ marks the positions that position $i$ may attend to. Rows 0-2 form the first
+# document's lower triangle and rows 3-4 the second's; neither sees the other. The last row is padding (segment 0),
+# and it sees only itself. That matters: a row with no allowed position would be a softmax over nothing but
+# $-\infty$, which gives NaN, and a NaN in a forward pass spreads to the loss even where the mask is off. Padding
+# attends to padding, harmlessly, and its loss is masked out.
+#
 # The model: embedding, blocks, a final RMSNorm and an untied output head (DeepSeek LLM does not tie them).
 # `generate` decodes with the cache: one forward over the prompt (prefill), then one token at a time.
+#
+# Three details of the class. Every linear and embedding weight starts from $\mathcal{N}(0, 0.02^2)$, the usual choice
+# for small models; DeepSeek LLM initialises with a standard deviation of 0.006 at its scale (section 2.3).
+# `logits_to_keep` computes the output head on the last $k$ positions only, which is all a prefill needs: the head is
+# a $(d, V)$ matrix applied at every position, wasted on all but the last. And `generate` at temperature $T > 0$
+# samples the next token from
+#
+# $$p(x) = \mathrm{softmax}(z / T)_x,$$
+#
+# with $z$ the logits, so $T = 1$ samples the model's own distribution and $T \to 0$ approaches greedy decoding
+# (`temperature=0` takes the argmax directly). A row that has emitted `stop_id` is filled with `pad_id` from then on,
+# and decoding ends early when every row has stopped. `generate` asks for its cache through `new_cache`, so a model
+# with a different cache (chapter 03's MLA) inherits the same decoding loop by overriding that one method.
 
 # %%
 #| export transformer
@@ -1537,13 +1887,37 @@ print(f"cached vs full forward: max |difference| = {(cached - full).abs().max():
 assert torch.allclose(cached, full, atol=1e-5)
 
 # %% [markdown]
+# A full forward pass over 20 tokens is the reference for what a cache must reproduce: the same logits at every
+# position. The cached run feeds the sequence in three kinds of piece (a prefill of 8, a chunk of 4, then single
+# tokens), so it exercises every path of `forward_inputs`: no past, a chunk after a past (the shifted `tril` mask),
+# and one token after a past (no mask needed: a single query may see everything cached). The model uses GQA
+# ($n_{kv} = 2$ for 4 heads), so the folded decoding path of `Attention` is checked too. Errors of order $10^{-6}$ are
+# float32 rounding; a bug in a position or a mask gives errors of order 1.
+
+# %% [markdown]
 # ## 4. The trainer
 #
 # DeepSeek LLM trains with AdamW ($\beta_1 = 0.9$, $\beta_2 = 0.95$, weight decay 0.1), gradient clipping at 1.0, and
 # a **multi-step learning-rate schedule**: after 2000 warm-up steps, the peak rate until 80% of the training tokens,
-# then 31.6% of the peak until 90%, then 10%. The paper reports the same final loss as a cosine schedule, with one
-# practical gain: the first stage (80% of training) can be reused when you decide to train longer, because nothing in
-# it depends on the total length. (A cosine schedule's every step does.)
+# then 31.6% of the peak until 90%, then 10%. The paper reports about the same final loss as a cosine schedule, with
+# one practical gain: the first stage (80% of training) can be reused when you decide to train longer, because nothing
+# in it depends on the total length. (A cosine schedule's every step does.)
+#
+# For step $s$ of $S$, peak rate $\eta$ and $w$ warm-up steps, `lr_at` computes
+#
+# $$\eta_{\text{multi-step}}(s) = \begin{cases} \eta\,(s+1)/w & s < w \\ \eta & s < 0.8\,S \\
+# 0.316\,\eta & s < 0.9\,S \\ 0.1\,\eta & \text{otherwise} \end{cases} \qquad
+# \eta_{\text{cosine}}(s) = \eta\Bigl(r + (1 - r)\,\tfrac12\bigl(1 + \cos \pi u\bigr)\Bigr),\ \
+# u = \frac{s - w}{S - 1 - w},$$
+#
+# with the same warm-up for cosine and its floor $r = 0.1$, so both schedules end at 10% of the peak. The two drops are
+# equal in log space: $0.316 \approx 1/\sqrt{10}$, and $0.316^2 \approx 0.1$. The stage boundaries count from step
+# 0, warm-up included, as the paper's "80% of the training tokens" does.
+#
+# `TrainConfig` holds DeepSeek LLM's optimizer settings as defaults (AdamW, $\beta = (0.9, 0.95)$, weight decay 0.1,
+# clipping at 1.0). The peak learning rate is not theirs: DeepSeek LLM 67B trains at $3.2 \times 10^{-4}$, and small
+# models tolerate, and need, much larger rates; this chapter uses $3 \times 10^{-3}$. Chapter 01 fits how the best
+# rate shrinks with compute, the paper's Eq. 1.
 
 # %%
 #| export train
@@ -1638,6 +2012,12 @@ ax.set_title("Learning-rate schedules: both warm up, both end at 10% of the peak
 plt.show()
 
 # %% [markdown]
+# The asserts pin the schedule at its edges, where off-by-one errors live: the last warm-up step is at the peak, step
+# 799 of 1000 still at the peak and step 800 at 0.316, step 899 at 0.316 and step 900 at 0.1; cosine starts at the
+# peak after warm-up and ends at 0.1. In the plot, the multi-step curve holds the peak for most of the run, while
+# cosine is down to about half of it by the middle; look for the effect of that difference in the loss curves of
+# section 5.
+#
 # The trainer itself. Three properties matter for a course whose runs are stopped and restarted:
 #
 # - **Checkpoints are atomic and complete**: weights (safetensors), the model config (JSON), the optimizer's moments,
@@ -1646,6 +2026,12 @@ plt.show()
 # - **Resume is exact**: the batch of step $s$ is a function of $s$ (`PackedData.batch`), so a run stopped at step
 #   100 and resumed produces, bit for bit, the losses of a run that never stopped.
 # - **A NaN or infinite loss stops the run** with an error naming the step, before the bad update reaches the weights.
+#
+# The first cell holds the loss functions. `masked_lm_loss` is the masked mean of the equation in "Packed batches",
+# computed in float32. `evaluate_loss` weights each batch by its number of response tokens, so its result is a mean
+# per token over the whole held-out set, not a mean of batch means (the two differ when batches hold different numbers
+# of response tokens). `param_groups` applies weight decay to every matrix (the projections and the embeddings) and
+# not to the RMSNorm gains: decaying a gain pulls it toward 0, which would shrink the branch it scales.
 
 # %%
 #| export train
@@ -1688,7 +2074,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
+# %% [markdown]
+# The second cell is the `Trainer`. Its `fit` loop does, for each step $s$: set the learning rate to `lr_at(s)`; fetch
+# `data.batch(s)`; compute the loss (under bfloat16 autocast on CUDA, in float32 elsewhere); stop with
+# `NonFiniteLossError` if it is not finite; backpropagate; clip the gradient to norm 1.0,
+#
+# $$g \leftarrow g \cdot \min\bigl(1, \; c / \lVert g \rVert_2\bigr), \qquad c = 1.0 ;$$
+#
+# take the AdamW step; run the `after_step` hook; record the step, the loss and the learning rate; evaluate and save
+# when their intervals come round. The order is deliberate. The finiteness check comes before `backward`, so a bad
+# loss never touches the weights or the optimizer's moments. The learning rate is a function of the step alone, so a
+# resumed run needs no scheduler state. `resume` refuses a checkpoint written with a different `TrainConfig`, since
+# continuing a run under another schedule would not be the run that was saved. A Ctrl-C saves the state before it
+# stops the run, and the next `fit()` continues from there.
 
+# %%
+#| export train
 class Trainer:
     """AdamW with warm-up and DeepSeek LLM's multi-step schedule (or cosine), gradient clipping, a progress bar,
     periodic held-out evaluation, atomic checkpoints and exact resume.
@@ -1801,6 +2202,15 @@ class Trainer:
 # %% [markdown]
 # Finally, evaluation by generation: prompts of equal length are decoded together with the KV cache, and the
 # world's checker grades the answers.
+#
+# Why group by length instead of padding? A batch of prompts of different lengths would need padding, and padding on
+# the left shifts the positions that RoPE sees, while padding on the right puts pad tokens between a prompt and its
+# continuation; both need extra masks to be right. Our held-out prompts come in few lengths: with `<bos>`, a problem
+# of $n$ numbers is $3n + 4$ tokens (`Q:`, $2n$ digits, $n - 1$ operators, a space, `<think>`), so the held-out set
+# of 3-4 numbers has exactly two lengths, 13 and 16 tokens, and decodes in two batches of at most `batch_size`. The
+# generator is seeded once per call, so sampled completions are repeatable. `evaluate_accuracy` is what the later
+# chapters call: decode, grade with `world.grade`, and return the accuracy with the completions, so that a chapter can
+# look at what the model wrote and not only at the score.
 
 # %%
 #| export train
@@ -1841,8 +2251,17 @@ def evaluate_accuracy(model: torch.nn.Module, world, problems: Sequence | None =
 # ## 5. Experiment: pretrain a base model on the world
 #
 # A DeepSeek LLM-style model of about 0.8M parameters (width 128, 4 layers, 4 heads) trained on packed rows of the
-# corpus. At `small` scale this is about 1.2M tokens, a minute on two CPU cores; at `full` scale, a wider and deeper
-# model on many more tokens. Chapters 05-06 start reinforcement learning from a model pretrained the same way, longer.
+# corpus. At `small` scale this is $500 \times 24 \times 96 \approx 1.2$M tokens (the cell prints its time and
+# throughput); at `full` scale, a wider and deeper model on many more tokens. Chapters 05-06 start reinforcement
+# learning from a model pretrained the same way, longer (`dslib.pretrained` builds and caches it).
+#
+# Where do the 0.8M parameters sit? Per layer, attention has $4d^2 = 65{,}536$ (the four projections; no GQA here) and
+# SwiGLU $3 \cdot d \cdot 352 = 135{,}168$, about 0.2M per layer and 0.8M for four. The embedding and the output head
+# add only $2 \times 104 \times 128 = 26{,}624$: the vocabulary is tiny. (The printed count is the exact one.)
+#
+# The cell builds the training data (the packed corpus), the validation batches (the held-out problems' documents),
+# the model and the trainer, with a held-out evaluation and a checkpoint every 100 steps and the multi-step
+# schedule over 500 steps: peak until step 400, 31.6% until step 450, 10% to the end.
 
 # %%
 import shutil
@@ -1892,8 +2311,17 @@ ax.set_title("Pretraining on the arithmetic world (multi-step schedule)")
 plt.show()
 
 # %% [markdown]
+# What to look for in the plot. The training loss is per batch and noisy; the held-out points are the smooth signal.
+# The dotted line is the learning rate: watch the loss right after the cuts at steps 400 and 450. A drop in the loss
+# soon after a cut is the usual sign that the peak rate was keeping the weights bouncing around a lower point that a
+# smaller step can reach. The held-out loss is in nats per response token. Many response tokens follow from the
+# prompt (the tags, the operands copied into each step), so what is left to learn sits mostly on the digits of the
+# results and the answer.
+#
 # Now the question that matters for the rest of the course: how many held-out problems does the base model solve? We
 # decode greedily (always the most likely token) and by sampling at temperature 1, as reinforcement learning will.
+# `style_of` sorts the completions into three kinds by their text: a completion that closes `</think>` at once is a
+# bare answer, one that contains " wait " reflects, and anything else is plain steps.
 
 # %%
 model.to(device)
@@ -1921,16 +2349,23 @@ for p, c, ok in list(zip(world.heldout, sampled_out, right))[:6]:
     print(f"{'right' if ok else 'wrong'} ({p.answer:02d}): {prompt(p)}{c}")
 
 # %% [markdown]
-# Two things to take from this (the pre-study saw the same): greedy decoding almost always picks the bare
-# answer, the single most common style, so greedy and sampled accuracy differ and both are worth reporting; and the
-# model has learned every style of the corpus, including "guess, wait, recompute", but executes them unreliably. There
-# is room to improve, and the behaviours that reinforcement learning will amplify are already there, at low
-# probability. That is the starting point of chapters 05 and 06.
+# Read the printout with two questions. First, how far apart are greedy and sampled accuracy, and why? Greedy decoding
+# takes the most likely token at every step, and right after `<think>` that decides the style: the corpus is 58% bare
+# answers, so if the greedy styles line shows mostly `bare`, greedy accuracy is the accuracy of answering at once.
+# Sampling at temperature 1 draws the styles in about their corpus shares. The two numbers measure different things,
+# and the later chapters report both. Second, how does accuracy differ by style? If bare answers are the weakest route
+# and worked solutions (plain steps and "guess, wait, recompute") the strongest, then the behaviour that reinforcement
+# learning can amplify is already in the base model, at low probability and executed unreliably. That is the starting
+# point of chapters 05 and 06: RL does not invent reasoning here, it can only choose more often the routes that work.
 #
 # ### Multi-step against cosine
 #
-# DeepSeek LLM reports that the multi-step schedule reaches the same final loss as cosine. We compare both on a smaller
-# model with everything else equal.
+# DeepSeek LLM reports that the multi-step schedule reaches about the same final loss as cosine (section 2.3, its
+# Figure 1). We compare both on a smaller model with everything else equal: the same initial weights (the seed is set
+# before each model is built), the same data and batch order (one `PackedData`, seed 1), the same peak rate, warm-up
+# and number of steps. Only `schedule` changes, so any gap in the final held-out loss is the schedule's. At `small`
+# scale this is a short run. Expect cosine to be ahead halfway, when its rate is already lower, and the multi-step
+# schedule to do its catching up in its last 20%: compare the curves at the end, not in the middle.
 
 # %%
 SCHED = dslib.sized(small=dict(d_model=64, n_layer=4, n_head=4, steps=400, batch=16),
@@ -1963,10 +2398,28 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# The printed line gives the relative gap, multi-step over cosine minus one. The ledger below counts the claim as
+# reproduced when the gap is within 2%. The paper's runs are 2T tokens long, and their schedule's last two stages
+# are each more than a hundred thousand times longer than our whole run, so a larger gap here would say more about
+# our run's length than about the schedule. The one property of multi-step that does not depend on the run is the
+# reuse of its first stage; exercise 5 checks it.
+
+# %% [markdown]
 # ### Checkpoints, resume and the NaN guard
 #
 # A run stopped half-way and resumed from its checkpoint must produce the same losses as one that never stopped. We
 # check this bit for bit on a tiny model, then corrupt a checkpoint and poison a loss to see the errors.
+#
+# Bit-for-bit equality, not closeness, is the right test, and it is reachable. Nothing in a training step is random
+# once the batch is fixed (there is no dropout), the batch of step $s$ is `data.batch(s)`, and the checkpoint restores
+# the weights, the optimizer's moments and step count, and the history. On the same machine the same operations in the
+# same order give the same floats, so any difference at all means some state was not saved or not restored. A
+# tolerance would hide exactly that bug, an optimizer moment reset to zero, say, whose effect on the loss is small.
+#
+# `tiny_run` builds a fresh one-layer model and trainer over a folder and resumes from it when a checkpoint is there.
+# Three runs follow: 30 steps straight through; 17 steps into a second folder (`fit(until=17)` saves at the end);
+# then a fresh model and trainer on that folder, which must resume at step 17 and finish. The folders are temporary
+# and removed at the end of the cell.
 
 # %%
 def tiny_run(until: int | None, folder: Path, steps: int = 30) -> list[float]:
@@ -2004,12 +2457,25 @@ except NonFiniteLossError as e:
 shutil.rmtree(scratch)
 
 # %% [markdown]
+# The two error checks are tests of the failure paths. A checkpoint whose weights file is garbage must be refused with
+# a `CheckpointError`, not loaded half-way, and loading never unpickles, so a checkpoint file cannot run code. The
+# poisoned loss multiplies a real loss by NaN: the trainer must raise `NonFiniteLossError` at step 0, and the weights
+# must be exactly the ones it started with, since the check runs before `backward`. Both flags go to the checks at the
+# end of the chapter.
+#
 # ## 6. Explore the world
 #
 # Move the knobs of the world: the longest chain, how often plain steps slip, how much of the corpus reflects
 # (guess-then-verify and slip-then-fix together), how much reasoning is written in words, and the seed. The explorer
 # samples a fresh corpus and shows its style shares and a few documents. (Where no widget front end runs, as in CI, it
 # shows the defaults.)
+#
+# The reflection slider keeps the corpus's proportions inside each group: the reflecting share is split 26:3 between
+# guess-then-verify and slip-then-fix, the rest 58:8:5 between bare, steps and slip, so at the default of 0.29 the mix
+# is the chapter's. Things to try: set the reflection share to 0 and see " wait " disappear; set the slip rate to 1 and
+# watch the share of right answers fall by about four fifths of the plain steps' share (6.4 points at the default
+# mix); move the words rate and read the language column of the documents. A world you like can be pretrained with
+# the cells of section 5: build the same `World` as the first lines of `show_world` do.
 
 # %%
 def show_world(max_operands=4, slip_rate=0.2, reflection_share=0.29, words_rate=0.1, seed=0):
@@ -2035,7 +2501,12 @@ explore(show_world, max_operands=(2, 4, 1), slip_rate=(0.0, 1.0, 0.05), reflecti
 # %% [markdown]
 # ## 7. Claims ledger
 #
-# What the papers claim next to what this chapter measured.
+# What the papers claim next to what this chapter measured. Three rows: the schedule comparison of section 5; the KV
+# cache arithmetic of GQA, which is an identity (per token, $2 \times 4 \text{ layers} \times n_{kv} \times 32$
+# dimensions $\times$ 4 bytes in float32, so 4096 bytes for MHA, 2048 for 2 KV heads, 1024 for one) and is measured
+# here by allocating the caches; and the base model's accuracy against the course's pre-study, which trained longer
+# (3.95M tokens). For DeepSeek LLM 67B the same formula gives $2 \times 95 \times 8 \times 128 = 194{,}560$ numbers
+# per token, an eighth of what 64 full KV heads would need.
 
 # %%
 kv = {}
@@ -2057,23 +2528,222 @@ ledger.add("A tiny model pretrained on the world solves some held-out problems, 
            "course pre-study: greedy 5-11%, sampled 18-26% (3.95M tokens)",
            f"greedy {greedy_acc:.1%}, sampled {sampled_acc:.1%} ({MAIN['steps'] * MAIN['batch'] * SEQ_LEN / 1e6:.1f}M tokens)",
            0 < greedy_acc < 0.9 and 0 < sampled_acc < 0.9,
-           "fewer tokens than the pre-study: sampled accuracy is lower")
+           "" if sampled_acc >= 0.18 else "fewer tokens than the pre-study: sampled accuracy is below its range")
 ledger.show()
 saved_to = ledger.save()  # _build/ledger/00.json: `python -m dslib.book ledger` prints every chapter's rows
 
 # %% [markdown]
+# ## What you learned
+#
+# - **The family.** Ten DeepSeek papers in four lines of work; the base line builds dense models, then sparse experts,
+#   cheaper attention and cheaper training, and the reasoning line takes GRPO from DeepSeekMath to R1.
+# - **A world for rule rewards.** `dslib.world` writes problems with one checkable answer, a corpus of solutions in
+#   R1-Zero's format whose styles, slips and reflections are set by a mix, a character tokenizer with " wait " as one
+#   token, a checker that parses and never evaluates, and packed batches whose loss covers the responses only.
+# - **The DeepSeek LLM decoder.** `dslib.transformer`: pre-norm blocks of RMSNorm, attention with RoPE and grouped KV
+#   heads, and SwiGLU; a preallocated KV cache whose size per token, $2 n_{layer} n_{kv} d_h$, is what GQA (and later
+#   MLA) shrinks; decoding that reproduces a full forward pass.
+# - **Training that can be stopped.** `dslib.train`: AdamW with DeepSeek LLM's settings and its multi-step schedule,
+#   a NaN guard that acts before the update, atomic checkpoints, and a resume that is exact because a batch is a
+#   function of its step.
+# - **How to read a base model.** Greedy against sampled accuracy, and accuracy by style: the two measurements that
+#   say whether a 0.8M-parameter model has something for RL to amplify.
+#
+# **Next.** Chapter 01 asks how big a model should be for a given compute budget, and at which learning rate and
+# batch size to train it: DeepSeek LLM's scaling laws (section 3), rebuilt as IsoFLOP sweeps of this chapter's
+# transformer on this chapter's world.
+#
 # ## Exercises
 #
-# 1. Change the corpus mix so that plain steps are common and reliable (say `steps` 30%, `guess_verify` 10%) and pretrain
-#    again. How does the accuracy by style change? (The pre-study found that RL then favours plain steps over
-#    reflection: keep this in mind for chapter 06.)
-# 2. Train with `n_kv_head=1` (MQA) and `n_kv_head=2`. How much held-out loss does the smaller cache cost?
-# 3. Re-run the schedule comparison for 4x the steps. Does the gap between multi-step and cosine close?
-# 4. Make a harder world (`max_value=999`) and see what the tokenizer and the model make of three-digit numbers.
+# Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project).
+#
+# 1. ★ **The KV cache of DeepSeek LLM 67B.** With 95 layers, 64 query heads of dimension 128 and 8 KV heads (its
+#    Table 2), how many bytes does one token's cache take in bfloat16, and how many would full multi-head attention
+#    take? What does a 4096-token context cost per sequence? Check your arithmetic with `KVCache`.
+#
+#    <details><summary>Hint</summary>Per token, $2 n_{layer} n_{kv} d_h$ numbers of 2 bytes each. A `KVCache` with
+#    `batch_size=1, max_len=1` holds exactly one token, and it needs only a `TransformerConfig`, not a model.</details>
+#    <details><summary>Solution</summary>
+#
+#    $2 \times 95 \times 8 \times 128 \times 2 = 389{,}120$ bytes per token with GQA, and $2 \times 95 \times 64
+#    \times 128 \times 2 = 3{,}112{,}960$ with MHA, 8 times more. For 4096 tokens: 1.48 GiB against 11.9 GiB per
+#    sequence. This is the inference cost that the paper's choice of GQA for 67B targets (section 2.2): with long
+#    contexts and many sequences decoded at once, the cache, not the weights, fills the accelerator's memory.
+#
+#    ```python
+#    c67 = TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=8192, n_layer=95, n_head=64, n_kv_head=8)
+#    for n_kv in (8, 64):
+#        c = TransformerConfig(**{**c67.to_dict(), "n_kv_head": n_kv})
+#        per_token = KVCache(c, batch_size=1, max_len=1, dtype=torch.bfloat16).nbytes()
+#        print(n_kv, per_token, f"{per_token * 4096 / 2**30:.2f} GiB for 4096 tokens")
+#    ```
+#    </details>
+#
+# 2. ★ **Do packed positions need to restart?** Shift every position of a packed batch by 40 and compare the loss of
+#    an untrained model on the original batch and on the shifted one. Explain what you see.
+#
+#    <details><summary>Hint</summary>`batch_loss(model, batch)` reads `batch["positions"]`; build the shifted batch
+#    with `dict(b, positions=b["positions"] + 40)`. Recall what a RoPE score depends on, and where attention may
+#    look.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    b = packed.batch(0)
+#    torch.manual_seed(0)
+#    m = Transformer(TransformerConfig(vocab_size=tok.vocab_size, d_model=64, n_layer=2, n_head=4)).eval()
+#    with torch.no_grad():
+#        print(batch_loss(m, b).item(), batch_loss(m, dict(b, positions=b["positions"] + 40)).item())
+#    ```
+#    The two losses should agree to float32 rounding. RoPE scores depend only on the distance between query and key,
+#    and the document mask keeps every query inside its own document, so shifting all of a document's positions by
+#    the same amount changes no score. Restarting at 0 is still the right choice: it makes training match generation,
+#    where every prompt starts at position 0, and keeps the angles small, where float32 rounds least. With learned
+#    absolute position embeddings the shift would change everything.
+#    </details>
+#
+# 3. ★★ **Reliable plain steps.** Change the corpus mix so that plain steps are common and reliable (`steps` 30%,
+#    `guess_verify` 10%, no slips in plain steps) and pretrain again. How does the accuracy by style change, and what
+#    would that mean for chapter 06?
+#
+#    <details><summary>Hint</summary>`World(mix={...}, steps_slip_rate=0.0)` keeps the held-out problems (they depend
+#    only on the difficulty and `heldout_seed`); reuse section 5's `config`, `SEQ_LEN` and `MAIN`, and `style_of`
+#    to sort the completions.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    w3 = World(mix={"bare": 0.52, "steps": 0.30, "guess_verify": 0.10, "slip_fix": 0.03, "slip": 0.05},
+#               steps_slip_rate=0.0)
+#    d3 = PackedData([d.text for d in w3.corpus()], w3.tokenizer, SEQ_LEN, MAIN["batch"], seed=0)
+#    torch.manual_seed(0)
+#    m3 = Transformer(config)
+#    Trainer(m3, d3, TrainConfig(steps=MAIN["steps"], lr=3e-3, warmup_steps=50), device=device).fit()
+#    acc3, out3 = evaluate_accuracy(m3, w3, temperature=1.0, seed=0, device=device)
+#    for s in ("bare", "steps", "reflects"):
+#        oks = [ok for c, ok in zip(out3, w3.grade(out3)) if style_of(c) == s]
+#        share, acc = len(oks) / len(out3), np.mean(oks) if oks else float("nan")
+#        print(f"{s:>8}: {share:.1%} of completions, accuracy {acc:.1%}")
+#    ```
+#    Compare each line with section 5's. If plain steps are now about as accurate as reflecting solutions and three
+#    times as common, RL has a route to careful work that does not pass through " wait ", and nothing pushes it to
+#    reflect more: GRPO raises the probability of what already earns reward, and the more common of two reliable
+#    routes gets the larger share of that push. The default mix makes reflection the main reliable route on purpose;
+#    chapter 06 comes back to this.
+#    </details>
+#
+# 4. ★★ **What a smaller cache costs.** Train the schedule comparison's model with `n_kv_head=2` (GQA) and
+#    `n_kv_head=1` (MQA) next to the default 4, and compare the held-out loss with the cache size.
+#
+#    <details><summary>Hint</summary>Copy the loop of "Multi-step against cosine" with the multi-step schedule only,
+#    and vary `n_kv_head` in the `TransformerConfig`. Run two seeds per setting before you trust a small
+#    difference.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    for n_kv in (4, 2, 1):
+#        torch.manual_seed(1)
+#        c = TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=SCHED["d_model"],
+#                              n_layer=SCHED["n_layer"], n_head=SCHED["n_head"], n_kv_head=n_kv, max_seq_len=128)
+#        tr = Trainer(Transformer(c), sched_data, TrainConfig(steps=SCHED["steps"], lr=3e-3, warmup_steps=40,
+#                     eval_every=SCHED["steps"] // 8), eval_batches=valid, device=device)
+#        h = tr.fit(progress=False)
+#        print(n_kv, tr.model.num_params(), KVCache(c, 1, max_len=1).nbytes(), f"{h['eval_loss'][-1]:.4f}")
+#    ```
+#    The cache halves with each halving of `n_kv_head`, by construction. The loss is the experiment, with one
+#    confound to keep in mind: fewer KV heads also means smaller `k_proj` and `v_proj`, so the model has fewer
+#    parameters. The gap between seeds tells you how large a difference must be to mean anything. Chapter 03
+#    asks the same question of MLA, which shrinks the cache further.
+#    </details>
+#
+# 5. ★★★ **Reuse the first stage.** DeepSeek LLM's argument for the multi-step schedule is that its first stage can be
+#    reused when you decide to train longer. Show it: train a tiny model for the first 40 steps of a 50-step run,
+#    continue it as a 100-step run, and compare with a 100-step run from scratch. Then show why cosine cannot do this.
+#
+#    <details><summary>Hint</summary>`Trainer.resume` refuses a checkpoint saved under another `TrainConfig`, so move
+#    the state by hand: `load_state_dict` for the model and the optimizer, and set `trainer.step`. For cosine,
+#    compare `lr_at(s, 50, ...)` with `lr_at(s, 100, ...)`.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    tiny_data = PackedData(small, world.tokenizer, SEQ_LEN, 4, seed=0)
+#    def tiny_trainer(steps):
+#        torch.manual_seed(3)
+#        m = Transformer(TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=32, n_layer=1, n_head=2))
+#        return Trainer(m, tiny_data, TrainConfig(steps=steps, lr=3e-3, warmup_steps=5))
+#
+#    straight100 = tiny_trainer(100).fit(progress=False)["loss"]
+#    short = tiny_trainer(50)
+#    short.fit(until=40, progress=False)  # steps 0-39 of a 50-step run: warm-up, then the peak
+#    longer = tiny_trainer(100)
+#    longer.model.load_state_dict(short.model.state_dict())
+#    longer.optimizer.load_state_dict(short.optimizer.state_dict())
+#    longer.step = 40
+#    print("reused:", longer.fit(progress=False)["loss"] == straight100[40:])
+#    print("cosine:", [lr_at(s, 50, 1.0, 5, "cosine") == lr_at(s, 100, 1.0, 5, "cosine") for s in (10, 20, 39)])
+#    ```
+#    Under the multi-step schedule, steps 0-39 have the same learning rate in both runs ($s/50 < 0.8$ and
+#    $s/100 < 0.8$), and the batch of each step is the same, so the continued run should match the straight one loss
+#    for loss. Under cosine, every step after warm-up already depends on the total length, so the first 40 steps of a
+#    50-step run are not the first 40 steps of a 100-step run, and the comparison prints False.
+#    </details>
+#
+# 6. ★★ **A longer comparison.** Re-run the schedule comparison for 4x the steps. Does the gap between multi-step and
+#    cosine shrink?
+#
+#    <details><summary>Hint</summary>Multiply `steps` in the `TrainConfig` of the comparison loop by 4, and keep
+#    everything else, the seed included. Expect about 4 times the run time.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    longer_final = {}
+#    for schedule in ("multistep", "cosine"):
+#        torch.manual_seed(1)
+#        m = Transformer(TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=SCHED["d_model"],
+#                                          n_layer=SCHED["n_layer"], n_head=SCHED["n_head"], max_seq_len=128))
+#        tr = Trainer(m, sched_data, TrainConfig(steps=4 * SCHED["steps"], lr=3e-3, warmup_steps=40,
+#                                                schedule=schedule, eval_every=SCHED["steps"] // 2),
+#                     eval_batches=valid, device=device)
+#        longer_final[schedule] = tr.fit()["eval_loss"][-1]
+#    print(longer_final, f"{longer_final['multistep'] / longer_final['cosine'] - 1:+.1%}")
+#    ```
+#    Compare the relative gap with the printed `rel` of the short run. If it shrinks, the short run, not the
+#    schedule, made most of the difference.
+#    </details>
+#
+# 7. ★★ **Three-digit numbers.** Make a harder world (`max_value=999`) and see what the tokenizer and the model make
+#    of it.
+#
+#    <details><summary>Hint</summary>Every number is now three character tokens, so documents are longer: measure
+#    them before packing. `PackedData` raises a `ValueError` naming the first document longer than a row, and
+#    `evaluate_accuracy` passes `max_new_tokens` on to `complete`.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    w999 = World(max_value=999, n_docs=20_000)
+#    n_tok = np.array([len(x) + 2 for x in w999.tokenizer.encode_many([d.text for d in w999.corpus()])])
+#    print(n_tok.mean(), n_tok.max())
+#    seq = int(n_tok.max())  # a row of seq + 1 tokens holds the longest document
+#    d999 = PackedData([d.text for d in w999.corpus()], w999.tokenizer, seq, MAIN["batch"], seed=0)
+#    torch.manual_seed(0)
+#    m999 = Transformer(TransformerConfig(vocab_size=w999.tokenizer.vocab_size, d_model=128, n_layer=4, n_head=4,
+#                                         max_seq_len=seq + 32))
+#    Trainer(m999, d999, TrainConfig(steps=MAIN["steps"], lr=3e-3, warmup_steps=50), device=device).fit()
+#    print(evaluate_accuracy(m999, w999, temperature=1.0, max_new_tokens=seq, device=device)[0])
+#    ```
+#    The vocabulary does not change (digits are digits), but each number costs three tokens and each worked step
+#    grows by three to five tokens, so fewer documents fit in a row and each step of training sees fewer
+#    problems. A bare answer now has to produce three digits without writing anything down. Expect the held-out
+#    accuracy to fall at the same number of steps, and the gap between bare answers and worked solutions to grow,
+#    which is the gap that RL feeds on.
+#    </details>
 #
 # ## Checks
 #
-# The chapter's key measurements, asserted (this is what the test suite checks).
+# The chapter's key measurements, asserted (this is what the test suite checks). Each fails when the effect it guards
+# is absent: the held-out loss ends below 0.7 nats per response token and started above it (an untrained model's
+# loss is near $\ln 104 \approx 4.6$); the base model solves some held-out problems but fewer than 90%, greedy and
+# sampled, leaving room for RL to improve; all three styles appear in its sampled completions; the schedule comparison
+# gives finite losses within 20% of each other (a loose guard against a broken schedule; the ledger holds the 2%
+# claim); and the resume and NaN-guard tests of section 5 passed.
 
 # %%
 assert history["eval_loss"][-1] < 0.7 < history["eval_loss"][0], history["eval_loss"]

@@ -42,6 +42,18 @@
 # (optimal model and data scaling, Table 3, Eq. 4, Table 4). The IsoFLOP method is Chinchilla's (Hoffmann et al.,
 # arXiv 2203.15556, "approach 2").
 #
+# **What you need.** Chapter 00: the arithmetic world (`dslib.world`), the DeepSeek LLM transformer
+# (`dslib.transformer`) and the trainer with the multi-step schedule (`dslib.train`). Every run of this chapter is one
+# of those transformers trained from scratch by that trainer; no cached model is needed. From mathematics: logarithms,
+# and least squares for a straight line. **How long.** The course budgets the chapter at 3 minutes at `small` scale on
+# 2 CPU cores. It trains a few dozen tiny models; each finished run is cached on disk (section 5), so a second pass
+# through the chapter reads them back instead of training them again.
+#
+# **Why this matters for DeepSeek.** DeepSeek LLM chose the batch size and learning rate of its 7B and 67B models with
+# these laws, before training them (section 1). And counting compute per token rather than per parameter matters more
+# from chapter 02 on: in a mixture-of-experts model a token passes through only a few experts, so the parameter count
+# and the compute per token part ways.
+#
 # Cells that start with `#| export` are saved into `dslib` by `python -m dslib.book export`; later chapters import them.
 
 # %%
@@ -92,6 +104,12 @@ CHAPTER_START = time.time()
 #
 # Bigger budgets want bigger batches and slightly smaller learning rates, and the near-optimal region is wide.
 #
+# How to read a power law: the exponent is what a *ratio* of budgets does. Doubling $C$ multiplies $B_{opt}$ by
+# $2^{0.3271} \approx 1.25$ and $\eta_{opt}$ by $2^{-0.1250} \approx 0.917$; a thousand times the compute asks for
+# about 9.6 times the batch and 0.42 times the learning rate. The coefficients (0.3118, 0.2920) only set the level, and
+# they depend on the units: $C$ in FLOPs, $B$ in tokens. Note also what the law leaves out: it depends on $C$ alone,
+# not on the model's size and its tokens separately. The paper fits it that way, and we use it that way.
+#
 # **How big a model, trained on how much data?** Training a model of scale $M$ on $D$ tokens costs $C = M D$. For a
 # fixed $C$, a small model sees many tokens and a big one few; somewhere between them the loss is lowest. The
 # **IsoFLOP** method trains about ten models per budget, each on $D = C/M$ tokens with the hyperparameters of Eq. 1,
@@ -100,7 +118,9 @@ CHAPTER_START = time.time()
 #
 # $$M_{opt} = 0.1715\,C^{0.5243}, \qquad D_{opt} = 5.8316\,C^{0.4757}.$$
 #
-# Since $C = M_{opt} D_{opt}$, the exponents add up to one and the coefficients multiply to one. Chinchilla found
+# Since $C = M_{opt} D_{opt}$, the exponents add up to one and the coefficients multiply to one
+# ($0.1715 \times 5.8316 = 1.0001$). Doubling the budget makes the best model $2^{0.5243} \approx 1.44$ times bigger
+# and trains it on $2^{0.4757} \approx 1.39$ times the tokens. Chinchilla found
 # $a \approx 0.49$, $b \approx 0.51$; DeepSeek's $a = 0.524$ says: spend a little more of each extra FLOP on the model
 # than on the data. The paper (Table 4) also finds that $a$ grows with data quality, from 0.450 on its early data to
 # 0.578 on OpenWebText2.
@@ -110,6 +130,13 @@ CHAPTER_START = time.time()
 #
 # The picture: DeepSeek's laws across compute, where they were fitted (shaded) and where the 7B and 67B models sit.
 # DeepSeek 7B and 67B were both trained on 2T tokens; their $C$ is their $M$ (section 2) times $2\times10^{12}$.
+#
+# The cell below writes the two laws as four one-line functions (`ds_M`, `ds_D`, `ds_lr`, `ds_batch`, used again in
+# sections 7 and 10), and $M$ by hand from the formula that section 2 builds and checks. The left panel puts each
+# model at $(C, M)$ and $(C, D)$: if the model were compute-optimal, its markers would lie on the lines. The right
+# panel puts each model's batch size and learning rate from the paper's Table 2 against Eq. 1. Both panels are log-log,
+# so a power law is a straight line and its exponent is the slope. Everything right of the shaded band is
+# extrapolation: the 7B model's compute is about 300 times the largest budget the laws were fitted on.
 
 # %%
 DS_7B = dict(n_layer=30, d_model=4096, seq_len=4096, n_vocab=102400, batch_tokens=2304 * 4096, lr=4.2e-4)
@@ -184,20 +211,59 @@ for name, m in (("7B", DS_7B), ("67B", DS_67B)):
           f"{ds_M(C):.3g} = {ds_M(C) / M:.1f}x the model's M, D_opt = {ds_D(C) / 1e12:.2f}T tokens")
 
 # %% [markdown]
-# Eq. 1 reproduces the released models' batch sizes and learning rates to within about 10%. Eq. 4 is another matter:
-# at the 7B model's compute it calls for a model about four times bigger, trained on a quarter of the tokens; at the
-# 67B model's, one about a third bigger. The 7B model in particular is trained on far more data than compute-optimal,
-# which costs some training efficiency and buys a model that is cheaper to serve.
+# The printed lines are arithmetic on published numbers, so they can be checked by hand. Eq. 1 gives the released
+# models' batch sizes and learning rates to within about 10% (section 4 asserts it). Eq. 4 is another matter: at the
+# 7B model's compute it calls for a model about four times bigger, trained on a quarter of the tokens; at the 67B
+# model's, one about a third bigger. The 7B model in particular is trained on far more data than compute-optimal,
+# which costs some training efficiency and buys a model that is cheaper to serve. Compute-optimal means cheapest to
+# *train* to a given loss; a model that will answer many queries can be worth over-training.
 #
-# Our miniature cannot afford $10^{17}$ FLOPs per run. A CPU core does a few $10^{9}$ useful FLOPs per second on our
-# tiny models, so our budgets are $10^{9}$ to $10^{10}$ FLOPs, eight orders of magnitude below the paper's. We reuse
-# the method unchanged and see what survives the shrinking.
+# Our miniature cannot afford $10^{17}$ FLOPs per run. Our budgets are $10^{9}$ to $10^{10}$ FLOPs, eight orders of
+# magnitude below the paper's, small enough for dozens of runs to fit the chapter's budget of CPU minutes. We reuse the
+# method unchanged and see what survives the shrinking. Keep one question in mind for the rest of the chapter: which
+# parts of the method are arithmetic that holds at any scale, and which are measurements of one world at one scale?
+
+# %% [markdown]
+# The method of this chapter, as a picture: for each compute budget, a set of runs that spend it differently, a loss
+# for each, the best run's shape read off a fitted parabola, and power laws through the best points of all budgets.
+
+# %%
+from dslib.diagram import Diagram
+
+
+def draw_isoflop_method():
+    """DeepSeek LLM's scaling-law procedure (sections 3.1-3.2), as chapter 01 runs it in miniature."""
+    d = Diagram(13.4, 3.4, "From compute budgets to scaling laws (DeepSeek LLM, arXiv 2401.02954, section 3)")
+    y, h = 1.5, 1.2
+    d.box(0.1, y, 1.7, h, "compute budgets\nC1 < C2 < C3 ...\n(FLOPs)", "baseline")
+    d.box(2.3, y, 2.3, h, "for each C: shapes with\nM x D = C\n(M: FLOPs per token,\nD: tokens)", "stage")
+    d.box(5.1, y, 2.1, h, "train each run with\nB_opt(C), eta_opt(C)\n(Eq. 1)", "stage")
+    d.box(7.7, y, 2.4, h, "held-out loss per run:\none IsoFLOP curve\nper budget", "measure")
+    d.box(10.6, y, 2.7, h, "parabola in log M per\ncurve: M_opt(C), D_opt(C);\nthen power laws\nM_opt = M_base C^a", "measure")
+    for x0, x1 in ((1.8, 2.3), (4.6, 5.1), (7.2, 7.7), (10.1, 10.6)):
+        d.arrow(x0, y + h / 2, x1, y + h / 2)
+    d.box(2.3, 0.15, 4.9, 0.8, "Eq. 1's laws for batch size and learning rate come first (this chapter's section 4):\n"
+          "fitted on a grid of small runs", "question")
+    d.arrow(5.9, 0.95, 6.15, y)
+    d.box(7.7, 0.15, 5.6, 0.8, "what to compare with the paper: the exponents a and b (0.52, 0.48)\n"
+          "and how far a law fitted on small budgets predicts a larger one", "question")
+    d.show()
+
+
+draw_isoflop_method()
 
 # %% [markdown]
 # ## 2. Counting compute: $M$, $6N_1$ and $6N_2$
 #
 # The usual estimate of training compute is $6N$ FLOPs per token: for each parameter, a multiply and an add in the
-# forward pass, twice that in the backward pass. DeepSeek LLM points out two problems with it.
+# forward pass, twice that in the backward pass. Over $D$ training tokens,
+#
+# $$C \approx 6ND.$$
+#
+# Where the 6 comes from: a weight $w$ in a linear layer $y = xW$ meets each token once in the forward pass, one
+# multiply and one add (2 FLOPs). The backward pass computes two products of the same size, the gradient with respect
+# to the input ($\partial y / \partial x$, to pass back) and with respect to the weight (to update it): 4 FLOPs more.
+# DeepSeek LLM points out two problems with it.
 #
 # - $6N_1 = 72\,n_{layer} d_{model}^2$ counts the non-embedding parameters (each layer has $4d^2$ in attention and
 #   $8d^2$ in the feed-forward block) but **not attention's own work**: the scores $QK^\top$ and the weighted sum of
@@ -206,12 +272,29 @@ for name, m in (("7B", DS_7B), ("67B", DS_67B)):
 # - $6N_2 = 6N_1 + 6\,n_{vocab} d_{model}$ adds the vocabulary projection, which the paper argues should not count
 #   towards model scale.
 #
-# Its model scale is
+# Its model scale is non-embedding FLOPs per token (section 3.2 of the paper),
 #
-# $$M = 72\,n_{layer}d_{model}^2 + 12\,n_{layer}d_{model}l_{seq},$$
+# $$M = 72\,n_{layer}d_{model}^2 + 12\,n_{layer}d_{model}l_{seq}, \qquad C = M D,$$
 #
 # and for small models, where $l_{seq}$ is not small next to $6\,d_{model}$, $6N_1$ and $M$ differ a lot (the paper's
-# Table 3: up to 50%). We start the module.
+# Table 3: up to 50%). Dividing the two terms gives the gap in closed form, an identity that the table below will
+# show row by row:
+#
+# $$\frac{6N_1}{M} = \frac{72\,d_{model}^2}{72\,d_{model}^2 + 12\,d_{model}l_{seq}}
+#   = \frac{6\,d_{model}}{6\,d_{model} + l_{seq}}.$$
+#
+# It depends only on the width and the sequence length, not on the depth. Two details of the attention term are easy
+# to get wrong. It counts all $l_{seq}$ positions for every query, although a causal mask makes half of the score
+# matrix useless; the kernels compute it anyway, and so does the formula. And it grows with the sequence, so the same
+# model trained on longer rows has a larger $M$: $M$ is a property of a shape *and* a sequence length, which is why
+# every function below takes `seq_len`.
+#
+# Why not simply count parameters, as Chinchilla did? Because a law is fitted at small scale and used at large scale.
+# If the compute measure is off by a factor that changes with size (large for our tiny models, under 10% for the
+# 67B), the fitted exponent absorbs that drift, and the extrapolation inherits it.
+#
+# We start the module. `_positive` is the validation helper that every public function below calls first, so that
+# a zero width or a negative budget fails with a message naming the argument rather than producing a NaN much later.
 
 # %%
 #| default_exp scaling
@@ -248,7 +331,8 @@ def _positive(name: str, value, integer: bool = False) -> None:
                          f"is required")
 
 # %% [markdown]
-# The three counts, each a line of the paper:
+# The three counts, each a line of the paper. They return floats, not ints: a 67B model's $C$ is about $10^{24}$, and
+# the sweeps later multiply and divide these numbers freely.
 
 # %%
 #| export
@@ -286,6 +370,12 @@ def six_n2(n_layer: int, d_model: int, n_vocab: int) -> float:
 # counted on every platform, so we count attention with an explicit (slow) attention of the same shapes, $QK^\top$ and
 # then the weighted sum of $V$; it should give $12\,d_{model}\,l_{seq}$ per token per layer. The feed-forward width
 # is set to exactly $8/3\,d_{model}$ so that a layer has exactly $12 d^2$ parameters, as the formula assumes.
+#
+# Shapes in `counted_per_token`: the model reads one row `x` of shape `(1, seq_len)`; the attention reference uses
+# `q`, `k`, `v` of shape `(1, n_head, seq_len, d_model // n_head)`, so `q @ k.transpose(-1, -2)` is
+# `(1, n_head, seq_len, seq_len)`. The counter reports FLOPs for the whole row, forward and backward; dividing by
+# `seq_len` makes them per token, and multiplying the attention count by `n_layer` covers every layer. Softmax, norms
+# and activations are not matrix products, and neither the counter's `aten.mm` total nor the formula includes them.
 
 # %%
 by_hand = 72 * 30 * 4096 * 4096 + 12 * 30 * 4096 * 4096
@@ -328,9 +418,13 @@ for n_layer, d_model, seq_len in ((1, 24, 96), (2, 48, 96), (3, 96, 64)):
           f"{flops_per_token(n_layer, d_model, seq_len):,.0f}")
 
 # %% [markdown]
-# The formula and PyTorch agree to the FLOP. Now the comparison of the paper's Table 3: how far $6N_1$ and $6N_2$ are
-# from $M$, for our models (vocabulary 104, sequences of 96 tokens), a small model in DeepSeek's style (8 layers,
-# width 512) and DeepSeek 7B and 67B (vocabulary 102400, sequences of 4096).
+# The asserts demand equality to the FLOP, not closeness: the formula is a count, so any difference would be a
+# missing or extra matrix product, and a tolerance would hide it. They also pin the split: the linear layers, minus
+# the vocabulary projection, are $6N_1$; attention is the rest of $M$.
+#
+# Now the comparison of the paper's Table 3: how far $6N_1$ and $6N_2$ are from $M$, for our models (vocabulary 104,
+# sequences of 96 tokens), a small model in DeepSeek's style (8 layers, width 512) and DeepSeek 7B and 67B (vocabulary
+# 102400, sequences of 4096).
 
 # %%
 SEQ_LEN = 96  # our rows; documents are packed into them (chapter 00)
@@ -368,7 +462,9 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# For DeepSeek 67B the three measures agree to a few percent. For small models they do not, in opposite directions:
+# The numbers in the table are arithmetic, so you can predict them from the identity above. For DeepSeek 67B,
+# $6N_1/M = 6 \cdot 8192 / (6 \cdot 8192 + 4096) = 0.92$, and the three measures agree to within 10%. For small models
+# they do not, in opposite directions:
 # $6N_1$ leaves out attention, which grows in share as $d_{model}$ shrinks next to $l_{seq}$, and $6N_2$ adds the
 # vocabulary, which dominates a narrow model with a 102400-token vocabulary. Our models are so narrow that attention is
 # most of the work: for a width of 4, $6N_1$ counts a fifth of $M$; for a width of 8, a third. Fitting a law in $6N$ to
@@ -381,6 +477,16 @@ plt.show()
 # layer at all), let the width run over multiples of twice the head count (so that every head has an even width, as
 # RoPE needs), take for each width the number of layers nearest the aspect ratio, and return the shape whose $M$ is
 # closest to the target.
+#
+# Why fix the aspect ratio at all? An IsoFLOP curve is meant to vary one thing, the size of the model, against its
+# tokens. Many shapes share one $M$ (wide and shallow, narrow and deep); if the sweep chose among them freely, the
+# curve would mix the effect of size with the effect of shape. A fixed ratio makes "size" a single number.
+#
+# Three functions: `shape_for(M, seq_len)` finds the shape for one target; `shape_ladder(seq_len, n)` lists the first
+# `n` shapes of the same grid, the only sizes a sweep can actually run; `size_window(ladder, centre, n)` picks `n`
+# consecutive rungs of that ladder centred (in $\log M$) on a guess of the optimum, which is how section 7 chooses each
+# curve's sizes. The distance between a shape and its target is measured as a ratio, $|\ln(M_{shape}/M)|$, because
+# every later step works in $\log M$.
 
 # %%
 #| export
@@ -485,13 +591,29 @@ print("the ladder of shapes our sweeps use (n_layer x d_model: M):")
 print("  ".join(f"{s.n_layer}x{s.d_model}: {s.M:.3g}" for s in LADDER[:14]))
 
 # %% [markdown]
+# The brute-force reference shares no code with `shape_for`: it builds every width up to 4096 (1024 candidates with
+# two heads) and takes the minimum, so an off-by-one in the early stop of `shape_for` (stopping one width too soon,
+# or rounding the depth differently) would show as a mismatch. The 400 random targets span six decades of $M$ and
+# two (ratio, heads) settings, so both the one-layer rungs and the deeper ones are exercised.
+#
 # At aspect ratio 32 every width below 48 has one layer; a second layer appears at width 48, a third at 80. The first
-# step of the ladder is coarse (a width of 8 has 2.4 times the $M$ of a width of 4), the later ones fine.
+# step of the ladder is coarse (a width of 8 has 2.4 times the $M$ of a width of 4), the later ones fine. This matters
+# later: an IsoFLOP curve is a handful of these rungs, and its minimum, read off a fitted parabola, usually falls
+# between two of them. A curve that sits on the coarse bottom rungs places its minimum with less precision.
 #
 # ## 4. Hyperparameters from the budget: Eq. 1
 #
 # `HyperparameterLaw` holds the four constants of Eq. 1 and turns a budget into a learning rate and a batch size, in
-# tokens and in rows of our packed sequences.
+# tokens and in rows of our packed sequences:
+#
+# $$\eta(C) = k_\eta\, C^{\alpha_\eta}, \qquad B(C) = k_B\, C^{\alpha_B}, \qquad
+#   \text{rows}(C) = \max\!\left(1, \operatorname{round}\frac{B(C)}{l_{seq}}\right).$$
+#
+# The paper counts $B$ in **tokens**, not sequences; mixing the two up is the classic mistake here, and with
+# DeepSeek's 4096-token sequences it is a factor of 4096. Rounding to whole rows is the price of packed sequences of
+# fixed length: at three rows a step, half a row is 17% of the batch, so our batch sizes follow Eq. 1 only to within
+# that. The law is a small frozen dataclass so that section 8 can build a second one from fitted constants and the
+# explorer of section 10 can use either.
 
 # %%
 #| export
@@ -555,15 +677,23 @@ for C in (1e9, 2e9, 4e9, 8e9):
 
 # %% [markdown]
 # Extrapolated eight orders of magnitude down, Eq. 1 asks for learning rates of about 0.02 and batches of three to
-# five of our rows. A first look at our world (trying learning rates from 0.005 to 0.06 and batches of 2 to 16 rows on
-# a few models) found these in the usable range, so **our rule is DeepSeek's Eq. 1 with its own constants**, batch
-# rounded to whole rows. Section 8 checks how good a choice that was.
+# five of our rows. Nothing guarantees that a law fitted between $10^{17}$ and $2\times10^{19}$ FLOPs on web text
+# means anything at $10^{9}$ on arithmetic. We take it anyway: **our rule is DeepSeek's Eq. 1 with its own constants**,
+# batch rounded to whole rows. The alternative, a grid search at every budget, is exactly the cost the law exists to
+# avoid. Section 8 tests the choice with a small grid around Eq. 1's values; if Eq. 1 were badly wrong here, its
+# centre cell would be far from the best one there.
 #
 # ## 5. Training runs, a sweep, and its cache
 #
 # A run is described completely by a `RunSpec`: the shape, the batch, the steps, the learning rate and its schedule,
-# the seed, and which world it trains on. `plan_run` makes the spec that spends a budget $C$ on a shape: $D = C/M$
-# tokens, $D$ / (rows x 96) steps, rounded, and it refuses a run shorter than 20 steps, which would be mostly warm-up.
+# the seed, and which world it trains on. `plan_run` makes the spec that spends a budget $C$ on a shape, with $b$ rows
+# of $l_{seq} = 96$ tokens a step:
+#
+# $$D = \frac{C}{M}, \qquad \text{steps} = \operatorname{round}\frac{D}{b\,l_{seq}},$$
+#
+# and it refuses a run shorter than 20 steps, which would be mostly warm-up. Because steps are whole, a run spends
+# `spec.flops` $= M \cdot \text{steps} \cdot b\, l_{seq}$, close to the budget but not equal to it; the budget is kept
+# as a label (`spec.budget`) so that the runs of one curve stay grouped.
 # `train_run` trains a dslib `Transformer` with the chapter 00 `Trainer` (AdamW, DeepSeek's multi-step schedule,
 # 10% warm-up) on the world's corpus and measures the held-out loss.
 #
@@ -571,12 +701,25 @@ for C in (1e9, 2e9, 4e9, 8e9):
 # documents (worked solutions of the 400 held-out problems, none of which occurs in the training corpus). The
 # tokenizer is character-level, so a response token is one character after `<think>` (or one of the special tokens
 # `</think>`, `<answer>`, ` wait `, ..., and the final `<eos>`). We report it in bits (nats / ln 2). The paper reports
-# bits per byte of held-out text; ours is the nearest thing a character-level model has.
+# bits per byte of held-out text; ours is the nearest thing a character-level model has. With $R$ the set of response
+# positions over all 400 documents, pooled (a long solution weighs more than a short one),
+#
+# $$L = \frac{1}{|R| \ln 2} \sum_{t \in R} -\ln p_\theta(x_t \mid x_{<t}) \quad \text{bits per response token.}$$
+#
+# Why only the response: the question's digits are drawn at random, so no model can predict them better than chance;
+# their loss is a floor common to every run that would only dilute the differences between sizes.
 #
 # `sweep` runs a list of specs and caches each finished run as JSON under `_build/cache/scaling/` (or
 # `$DSLIB_CACHE/scaling`), named by a hash of everything that determines the run, so a rerun trains only what is
 # missing, and an interrupted sweep resumes. With `workers=2` two processes train side by side, one PyTorch thread
-# each: our models are so small that one thread runs them as fast as two, and two runs at once use both cores.
+# each: the matrix products of models this small are too small to share usefully between threads, so the cores are
+# better spent on separate runs.
+#
+# The cache key is the pitfall to watch. It must include everything that changes a run's result (the shape, batch,
+# steps, learning rate, schedule, seeds, world size, threads, device, and `SWEEP_VERSION` for the code itself) and
+# nothing that does not: the budget label is left out, so that two budgets that happen to plan the same run share one
+# cached result. Forget a field and a changed run silently reads a stale result; include a label and identical runs
+# are trained twice. The cached file also stores the spec, and a record whose spec does not match is ignored.
 
 # %%
 #| export
@@ -651,7 +794,14 @@ class RunSpec:
 
 # %% [markdown]
 # `train_run` builds the world once per process and keeps its packed rows; a run takes a shallow copy that batches
-# them `batch_size` rows at a time.
+# them `batch_size` rows at a time. Packing does not depend on the batch size, so every run with the same seed sees
+# the same stream of tokens in the same order, and two runs of a grid that differ only in batch size differ only in
+# how that stream is cut into steps.
+#
+# A run that diverges (its training loss turns NaN or infinite) is recorded, not raised: a learning rate too high for
+# a model is a result the grid of section 8 needs to see, and it is cached like any other. `train_run` sets PyTorch's
+# thread count for the run and restores it afterwards, because the notebook's own process also trains runs when
+# `workers=1`.
 
 # %%
 #| export
@@ -720,7 +870,10 @@ def train_run(spec: RunSpec, return_model: bool = False):
     return (record, model) if return_model else record
 
 # %% [markdown]
-# The sweep and its cache.
+# The cache first: where it lives, and how a record is read and written. A record is written to a temporary file and
+# then renamed, so that a run interrupted mid-write (or two processes finishing at once) never leaves a half-written
+# JSON file that a later sweep would trust. A reader that finds a broken file, or a spec that does not match, treats
+# the run as missing and trains it again.
 
 # %%
 #| export
@@ -755,7 +908,14 @@ def _write_cached(path: Path, spec: RunSpec, result: dict) -> None:
     temporary.write_text(json.dumps({"spec": identity, "result": result}, indent=1) + "\n", encoding="utf-8")
     temporary.replace(path)
 
+# %% [markdown]
+# The worker processes. They are started with `spawn`, a fresh Python interpreter each, rather than `fork`, which
+# copies a process that has already started PyTorch's threads and can hang. A spawned worker imports `dslib.scaling`
+# by name, which is why workers run the *exported* module: an edit to `train_run` in this notebook reaches them only
+# after `python -m dslib.book export`. The pool is kept between sweeps, so each worker builds the world's corpus once.
 
+# %%
+#| export
 _POOLS: dict = {}
 
 
@@ -781,7 +941,14 @@ def shutdown_workers() -> None:
         _, pool = _POOLS.popitem()
         pool.shutdown(cancel_futures=True)
 
+# %% [markdown]
+# The sweep itself. It splits the specs into those already on disk and those to train, then trains the rest in this
+# process or in the pool, writing each result the moment it finishes. With workers, the longest runs are submitted
+# first, so that the last run to start is a short one. The records come back in the order of the specs, whatever order
+# they finished in, with a `cached` flag saying which were read from disk. A spec listed twice is trained once.
 
+# %%
+#| export
 def sweep(specs: Sequence[RunSpec], cache: str | Path | None = None, workers: int = 1, progress: bool = True,
           desc: str = "runs") -> list[dict]:
     """Run every spec (or read it from the cache) and return one record per spec, in order: the spec's fields, its
@@ -843,7 +1010,10 @@ def sweep(specs: Sequence[RunSpec], cache: str | Path | None = None, workers: in
              "cached": spec.key() in cached} for spec in specs]
 
 # %% [markdown]
-# Plans: a run that spends a budget on a shape, and a whole IsoFLOP sweep.
+# Plans: a run that spends a budget on a shape, and a whole IsoFLOP sweep. `plan_isoflop` is the paper's procedure in
+# one function: for each budget, its sizes (a list, or a function of the budget), each turned into a shape, and each
+# trained on $D = C/M$ tokens with the batch and learning rate that the law gives *for the budget*. Every run of one
+# curve therefore shares its batch size and learning rate; only the model and the number of steps change along it.
 
 # %%
 #| export
@@ -893,6 +1063,12 @@ def plan_isoflop(budgets: Sequence[float], sizes: Callable[[float], Sequence[flo
 # Checks. The loss a run reports must equal a slow reference: run the trained model on each validation document on
 # its own (no packing, no batching), add up the cross-entropy of every token after `<think>`, divide by their count
 # and by ln 2. A run must be deterministic, and a second sweep must read it from the cache instead of training.
+#
+# Why this reference: `evaluate_loss` works on packed, batched validation rows, and packing is where a loss goes
+# quietly wrong (a mask that lets the first token of one document count as the response of the previous one, a
+# target shifted by one, a mean over rows instead of tokens). The reference has none of that machinery, so agreement
+# to $10^{-4}$ bits means the packed evaluation counts exactly the response tokens, each once. The `tiny` run is 40
+# steps of a one-layer model; its loss is not meant to be good, only to be computed correctly.
 
 # %%
 import tempfile
@@ -935,9 +1111,28 @@ except ValueError as e:
 # ## 6. Fitting power laws, and finding an IsoFLOP curve's minimum
 #
 # A power law $y = k x^{a}$ is a straight line in log-log space, $\log y = \log k + a \log x$, so we fit it by least
-# squares there. Its uncertainty comes from the **bootstrap**: resample the points with replacement, refit, and read
-# the spread of the refitted coefficients (the 2.5th and 97.5th percentiles give a 95% interval). The generator is
-# seeded, so the intervals are reproducible.
+# squares there. With $u_i = \ln x_i$ and $v_i = \ln y_i$, the slope and intercept have the closed form that `_line`
+# computes (for many resamples at once: `u` and `v` may be `(n_boot, n)` arrays, one row per resample):
+#
+# $$\hat a = \frac{\sum_i (u_i - \bar u)(v_i - \bar v)}{\sum_i (u_i - \bar u)^2}, \qquad
+#   \ln \hat k = \bar v - \hat a\, \bar u.$$
+#
+# Fitting the logs, rather than $y$ itself with a nonlinear solver, is more than a convenience. The scatter of a
+# law's points is multiplicative (an optimum found to within 10%, whatever its size), which the logarithm makes
+# additive and equal for every point; and each decade of $x$ weighs the same, instead of the largest budget
+# dominating the sum of squares.
+#
+# Its uncertainty comes from the **bootstrap**: resample the points with replacement, refit, and read the spread of
+# the refitted coefficients (the 2.5th and 97.5th percentiles give a 95% interval). The generator is seeded, so the
+# intervals are reproducible. A resample that draws the same $x$ every time has no slope; such draws are discarded and
+# replaced, which matters when there are only three or four points.
+#
+# How wide should an interval be? For a slope, the standard error is the scatter of the points around the line divided
+# by $\sqrt{\sum_i (u_i - \bar u)^2}$, the spread of the $x$ in log space: the **lever arm**. That denominator is why
+# the range of budgets matters more than their number. Three budgets a factor of 2 apart (ours, section 7) give
+# $\sqrt{2 (\ln 2)^2} \approx 0.98$; eight budgets from $10^{17}$ to $3 \times 10^{20}$, as in the paper, give about
+# 7.4 if they are spread evenly in $\log C$, so with the same scatter of the optima our exponent is about 7.5 times less
+# certain. That is arithmetic, before a single run.
 
 # %%
 #| export
@@ -1031,6 +1226,11 @@ def fit_power_law(x, y, n_boot: int = 2000, confidence: float = 0.95, seed: int 
 # Check: points drawn from DeepSeek's own Eq. 4, with 5% multiplicative noise, must give back its exponent and
 # coefficient inside their intervals, and the least-squares line must match NumPy's `polyfit` on the logs (the
 # obvious reference). Then the errors for bad input.
+#
+# Synthetic data with a known answer is how to test a fitter: on real runs the true exponent is
+# what we are trying to find. The equality with `polyfit` checks the point estimate; the intervals containing 0.5243
+# and 0.1715 check that the bootstrap is centred and not absurdly narrow. One seeded draw passing is a sanity check,
+# not a proof of 95% coverage; exercise 1 measures the coverage.
 
 # %%
 rng = np.random.default_rng(1)
@@ -1051,20 +1251,16 @@ for x, y in (([1e9, 1e10], [1.0, 2.0]), ([1e9, 1e10, 1e11], [1.0, -2.0, 3.0]), (
 
 # %% [markdown]
 # For an IsoFLOP curve, Chinchilla and DeepSeek fit a parabola to loss against $\log M$ and take its vertex as the
-# budget's optimum, $M_{opt} = \exp(-c_1 / 2c_2)$. `fit_isoflop` does that for every budget, then fits
-# $M_{opt} = k C^a$ through the vertices and derives $D_{opt} = C / M_{opt}$. Note what that derivation implies: on an
-# IsoFLOP curve every run has $D = C/M$, so $D_{opt} = C^{1-a}/k$ **exactly**; $b = 1 - a$ and $k' = 1/k$ by
-# construction, not by measurement. The paper's $a + b = 1$ is the same identity.
+# budget's optimum. With $u = \ln M$,
 #
-# With five or six points a curve, resampling the points often leaves three distinct sizes, through which a parabola
-# passes exactly, and the vertex jumps around. So the IsoFLOP fit bootstraps the **residuals** instead: it adds to
-# each fitted parabola residuals drawn with replacement from all the curves, refits, and relocates the vertices.
+# $$L(u) = c_0 + c_1 u + c_2 u^2, \qquad u^* = -\frac{c_1}{2 c_2}, \qquad M_{opt} = e^{u^*} \quad (c_2 > 0).$$
 #
-# Check: IsoFLOP curves drawn from a Chinchilla-style loss, $L(M, D) = E + A/M^\alpha + B/D^\beta$, whose optimum is
-# known in closed form, $M_{opt} \propto C^{\beta/(\alpha+\beta)}$. With $\alpha = 0.34$ and $\beta = 0.28$ (the
-# Chinchilla paper's fit), the fit must recover $a = 0.4516$ within its interval; each vertex must match a brute-force
-# search of the fitted parabola on a fine grid.
-
+# A parabola is not a theory of the curve, only the simplest shape with a minimum; near the minimum any smooth curve
+# looks like one, which is why the sizes should be centred on where the optimum is expected. Two things can go wrong,
+# and `Parabola` reports both instead of returning a number that looks fine: a curve that bends the wrong way
+# ($c_2 \le 0$: no minimum, `M_opt` is NaN), and a vertex outside the sizes that were run (`interior` is False), where
+# the "optimum" is an extrapolation of the parabola past its data. `parabola_minimum` fits one curve with NumPy's
+# `polyfit` and keeps the range of $M$ it saw.
 # %%
 #| export
 @dataclass(frozen=True)
@@ -1104,7 +1300,33 @@ def parabola_minimum(M, loss) -> Parabola:
     c2, c1, c0 = np.polyfit(np.log(M), loss, 2)
     return Parabola(float(c0), float(c1), float(c2), (float(M.min()), float(M.max())))
 
+# %% [markdown]
+# `fit_isoflop` does that for every budget, then fits $M_{opt} = k C^a$ through the vertices with `_line` and derives
+# $D_{opt} = C / M_{opt}$. Note what that derivation implies: on an IsoFLOP curve every run has $D = C/M$, so
+#
+# $$D_{opt} = \frac{C}{M_{opt}} = \frac{C}{k C^{a}} = \frac{1}{k}\, C^{1-a}$$
+#
+# **exactly**; $b = 1 - a$ and $k' = 1/k$ by construction, not by measurement. The paper's $a + b = 1$ is the same
+# identity. Its input is flat: one entry per run (`budget`, `M`, `loss`), so that several seeds of one size simply
+# add points to their curve.
+#
+# The uncertainty needs care. With five or six points a curve, resampling the points often leaves three distinct
+# sizes, through which a parabola passes exactly, and the vertex jumps around. So the IsoFLOP fit bootstraps the
+# **residuals** instead: it adds to each fitted parabola residuals drawn with replacement from all the curves,
+# refits, and relocates the vertices. With $\hat L_i$ the fitted loss of run $i$, $e_j$ the residuals, $n$ runs and
+# $G$ curves (three coefficients each),
+#
+# $$\tilde L_i = \hat L_i + \sqrt{\frac{n}{n - 3G}}\; e_{j_i}, \qquad j_i \text{ drawn uniformly from } 1, \dots, n.$$
+#
+# The factor makes up for the fit itself: least-squares residuals are smaller than the noise, because three fitted
+# coefficients per curve have absorbed part of it. Pooling the residuals of all curves assumes the noise is the same
+# size everywhere (an assumption to check on real runs: compare the residuals of the smallest and largest budget),
+# and it gives each curve more than five residuals to draw from. A
+# resample in which some curve loses its minimum is drawn again; `usable` reports the share kept, and a low share is
+# itself a warning that the curves are too flat or too noisy to locate their optima.
 
+# %%
+#| export
 @dataclass(frozen=True)
 class IsoFLOPFit:
     """The compute-optimal allocation from IsoFLOP curves (DeepSeek LLM, Eq. 4): M_opt = k C^a and D_opt = k' C^b.
@@ -1180,7 +1402,18 @@ def fit_isoflop(budget, M, loss, n_boot: int = 2000, confidence: float = 0.95, s
     D_fit = _power_law(math.exp(-log_k), 1 - a, 1 / k_samples, 1 - a_samples, len(budgets), confidence)
     return IsoFLOPFit(budgets, curves, M_fit, D_fit, len(a_samples) / drawn)
 
+# %% [markdown]
+# Last, the paper's rule for which runs of a hyperparameter grid count as good (section 3.1): those whose loss is
+# within a relative tolerance $\epsilon$ of the best at their budget,
+#
+# $$L \le (1 + \epsilon)\, \min L, \qquad \epsilon = 0.25\% \text{ in the paper.}$$
+#
+# The paper fits Eq. 1 to all these near-optimal points, not only to the single best run of each budget: the best
+# run is one noisy draw, the near-optimal set describes a region. Section 8 uses the same function with a tolerance
+# set by our own noise.
 
+# %%
+#| export
 def near_optimal(records: Sequence[Mapping], tolerance: float, loss: str = "loss_bits",
                  group: str = "budget") -> list[Mapping]:
     """The records within `tolerance` (relative) of the lowest loss of their group (by default, their budget): the
@@ -1193,6 +1426,19 @@ def near_optimal(records: Sequence[Mapping], tolerance: float, loss: str = "loss
     for r in records:
         best[r[group]] = min(best.get(r[group], math.inf), r[loss])
     return [r for r in records if r[loss] <= best[r[group]] * (1 + tolerance)]
+
+# %% [markdown]
+# Check: IsoFLOP curves drawn from a Chinchilla-style loss, $L(M, D) = E + A/M^\alpha + B/D^\beta$, whose optimum is
+# known in closed form. On a curve $D = C/M$; setting the derivative in $M$ to zero,
+#
+# $$\frac{\partial}{\partial M}\left[\frac{A}{M^{\alpha}} + \frac{B M^{\beta}}{C^{\beta}}\right] = 0
+#   \;\Longrightarrow\; M_{opt} = \left(\frac{\alpha A}{\beta B}\right)^{1/(\alpha+\beta)} C^{\beta/(\alpha+\beta)}.$$
+#
+# With $\alpha = 0.34$ and $\beta = 0.28$ (the Chinchilla paper's fit), the fit must recover
+# $a = \beta / (\alpha + \beta) = 0.4516$ within its interval; each vertex must match a brute-force search of the
+# fitted parabola on a fine grid. Each curve has seven sizes spread over a factor of 100 around the exact optimum,
+# with a little noise (0.002) on the loss. Then three inputs that must be refused: too few budgets, curves that bend
+# downward (`5 - L`), and mismatched lengths.
 
 # %%
 alpha, beta, A, B, E = 0.34, 0.28, 400.0, 400.0, 1.7
@@ -1225,19 +1471,32 @@ for bad in ((C_iso[C_iso < 1e20], M_iso[C_iso < 1e20], L_iso[C_iso < 1e20]), (C_
 # 3: the five consecutive shapes centred (in $\log M$) on DeepSeek's own $M_{opt}(C)$, so that the paper's law tells
 # us where to look but not what we find. Every run gets $D = C/M$ tokens with Eq. 1's batch size and learning rate.
 #
-# The budgets sit between two limits of the world, both found by trying:
+# The budgets are placed between two limits of this world. Both are about steps and tokens, which the table below
+# prints for every run, and exercises 4 and 5 let you cross each one on purpose:
 #
-# - **Below about $2\times10^{9}$ FLOPs** the larger models of a curve get fewer than about 130 steps, and every model
-#   needs some 200 steps to learn the format of a solution before the loss goes anywhere: the right side of such a
-#   curve measures warm-up, not model size.
-# - **Above about $10^{10}$ FLOPs** the smaller models see close to a million tokens, and there a one-layer model
-#   abruptly learns to copy numbers from the question and from its own steps. Whether a run crosses that step, and
-#   when, depends on its seed, so single runs land on either side of it, 0.2-0.3 bits apart.
+# - **At low budgets** the larger models of a curve get only a hundred-odd optimizer steps (look at the `steps`
+#   column). A model first has to learn the format of a solution (`<think>`, the steps, `<answer>`) before its loss on
+#   the arithmetic moves at all; if that takes most of a short run, the right side of the curve measures how fast a
+#   model learns the format, not what its size buys.
+# - **At high budgets** the smallest models see close to a million tokens. A one-layer model can then learn, fairly
+#   abruptly, to copy numbers from the question and from its own earlier steps. If whether and when a run makes that
+#   jump depends on its seed, two seeds of the same point can land far apart, and a parabola through them describes
+#   the luck of the seeds.
 #
-# Even between the two, one run's loss moves by a few hundredths of a bit from seed to seed, as much as neighbouring
-# sizes differ near a minimum, and with one seed per point a curve sometimes comes out flat. So every point is run
-# with **two seeds**, and the parabolas are fitted to both. Four times in compute is a short lever for an exponent (the
-# paper's budgets span 3000 times): expect a wide interval.
+# Even between the two, one run's loss moves from seed to seed, and near a minimum neighbouring sizes differ by
+# little; with one seed per point, a curve could come out flat or tilted by noise alone. So every point is run with
+# **two seeds**, and the parabolas are fitted to both. The cell prints the pooled seed-to-seed standard deviation,
+#
+# $$\hat\sigma = \sqrt{\frac{1}{P} \sum_{p=1}^{P} s_p^2},$$
+#
+# with $s_p^2$ the sample variance of the seeds at point $p$ (for two seeds, $(x_1 - x_2)^2 / 2$). Compare it with the
+# differences between neighbouring sizes in the table: where they are of the same order, a single curve cannot place
+# its minimum precisely. And four times in compute is a short lever for an exponent (the paper's budgets span 3000
+# times, section 6): expect a wide interval.
+#
+# The `EXP` table holds both scales: at `small`, three budgets from $2\times10^{9}$ to $8\times10^{9}$ FLOPs with five
+# sizes each; at `full` (a GPU), four budgets from $10^{10}$ to $3\times10^{11}$ with seven sizes. On a GPU the runs are
+# trained one after another in this process (`WORKERS = 1`); on a CPU, two at a time.
 
 # %%
 EXP = dslib.sized(
@@ -1272,6 +1531,14 @@ for r in iso[:len(iso) // EXP["seeds"]]:
           f"{r['batch_size']:5} {r['steps']:6} {r['lr']:7.4f}   " + "  ".join(f"{x:.4f}" for x in losses))
 noise_sd = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in points.values()])))  # pooled over the points
 print(f"seed-to-seed standard deviation of one run's loss, pooled over {len(points)} points: {noise_sd:.4f} bits")
+
+# %% [markdown]
+# The fit: every run, both seeds, goes into `fit_isoflop` as one point. The printout gives each budget's vertex and
+# whether it is interior, then the two power laws with their bootstrap intervals. In the plots, look for three things.
+# On the left, each star (a vertex) should sit among its curve's points, not beyond the last one; a star at the edge
+# means the sizes missed the minimum. On the right, the optima and DeepSeek's Eq. 4 (dotted) are on the same axes, so
+# you can read off both whether the level of the paper's law carries over to this world and whether its slope does.
+# The shaded bands are the 95% bootstrap bands of our laws; they widen away from the budgets that were run.
 
 # %%
 iso_fit = fit_isoflop([r["budget"] for r in iso], [r["M"] for r in iso], [r["loss_bits"] for r in iso], seed=0)
@@ -1319,21 +1586,49 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Each budget's curve has its minimum inside the sizes run, and the minimum moves to bigger models and lower loss as
-# the budget grows, as in the paper. But it moves slowly: in our run the fitted $a$ comes out near 0.3, below
-# DeepSeek's 0.52 and Chinchilla's 0.49, and so $b = 1 - a$ near 0.7. In this world an extra FLOP is better spent on
-# more tokens than on a bigger model. A plausible reason: the loss falls in steps as a model learns first the format of
-# a solution and then pieces of the arithmetic, and each of those takes a number of optimizer steps; a smaller model
-# gets more steps out of the same budget. The interval is wide, though, from near zero to about the paper's value, and
-# the point estimate moves by several hundredths between pairs of seeds. The ladder is also coarse at the bottom,
-# where a width of 8 has 2.4 times the $M$ of a width of 4.
+# How to read the result. The checks at the end of the chapter require every vertex to be interior and the optimum
+# to grow with the budget, as in the paper; the open question is how fast it grows. Compare the printed exponent $a$
+# with DeepSeek's 0.524 and Chinchilla's 0.49, and read its interval before the point estimate.
 #
-# One thing agrees strikingly: DeepSeek's Eq. 4, extrapolated eight orders of magnitude below its budgets (the dotted
-# lines), passes within a few tens of percent of our optima. The level carries over; the slope, here, does not.
+# - If $a$ comes out clearly **below** 0.5, then in this world an extra FLOP is better spent on more tokens than on a
+#   bigger model. A plausible mechanism is the one behind the low-budget limit above: the loss falls in stages (first
+#   the format of a solution, then pieces of the arithmetic), each stage takes a number of optimizer steps, and a
+#   smaller model gets more steps out of the same budget.
+# - If the interval **contains** 0.524, the miniature is consistent with the paper, but a wide interval is consistent
+#   with a great deal; with a lever arm of 0.98 (section 6), it can easily span several tenths.
+#
+# Two caveats on any value you see. The point estimate moves between pairs of seeds (rerun the sweep cell with
+# `range(2, 4)` in place of `range(EXP["seeds"])` to see by how much); and the ladder is coarse at the bottom, where
+# a width of 8 has 2.4 times the $M$ of a width of 4, so the smallest budget's vertex is interpolated between widely
+# spaced rungs.
+#
+# Then compare the *level*: how far the dotted lines (DeepSeek's Eq. 4, extrapolated eight orders of magnitude below
+# its budgets) pass from our optima, as a ratio. Nothing forces them to be close: Eq. 4's coefficient was fitted on
+# web text with another tokenizer and other models. Either outcome, a level that carries over without the slope or a
+# slope without the level, says something about which part of a scaling law is a property of the method.
 #
 # Note what the right panel shows for $D_{opt}$: nothing new. It is $C / M_{opt}$, the same fit read the other way.
 #
-# The exponents next to the papers' (DeepSeek LLM, Table 4):
+# ### What transfers from the miniature, and what does not
+#
+# It helps to sort the chapter's content into three kinds.
+#
+# - **Arithmetic that holds at any scale.** $C = MD$; the closed form of $6N_1/M$; $a + b = 1$ and $k k' = 1$; the
+#   lever-arm formula for an exponent's uncertainty; the rounding of a batch to whole rows. These are identities, and
+#   the chapter checks them exactly.
+# - **Methods that transfer unchanged.** Counting $M$ rather than parameters, sizing runs by $D = C/M$, taking
+#   hyperparameters from the budget, locating optima with parabolas, fitting in log space, and quoting an interval
+#   with every exponent. The code here would size a real sweep; only the budgets and the model would change.
+# - **Numbers that belong to one world at one scale.** The fitted $a$, the near-optimal hyperparameters, the seed
+#   noise. The paper's own Table 4 shows $a$ moving from 0.450 to 0.578 with the data alone, so an arithmetic world
+#   with a character-level tokenizer, at $10^{9}$ FLOPs, has no reason to reproduce 0.524. What a miniature can test
+#   is whether the method finds *its own* world's law with an honest error bar, which is what the synthetic checks of
+#   section 6 verify and what the interval above reports.
+#
+# The exponents next to the papers' (DeepSeek LLM, Table 4). Only our row has an error bar: the paper does not
+# publish intervals. The Chinchilla paper traces much of the gap between Kaplan's $a = 0.73$ and its own to Kaplan's
+# learning-rate schedule, the same for every run whatever its length; DeepSeek LLM reads the spread of its own three
+# rows as an effect of data quality.
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.3))
@@ -1363,10 +1658,15 @@ plt.show()
 # DeepSeek fitted Eq. 1 on grids like this one. At two of our budgets we train the model nearest DeepSeek's
 # $M_{opt}(C)$ with every combination of half, once and twice Eq. 1's batch size and learning rate, one seed each.
 #
-# The paper calls a setting near-optimal when its loss is within 0.25% of the best. That is far below the noise of
-# our tiny runs: the two seeds of the IsoFLOP points differ by a standard deviation of one to two percent. We call a
-# cell near-optimal when it is within two such standard deviations of the best cell; closer than that, one run per
-# cell cannot tell two settings apart.
+# Every cell spends the same budget on the same model, so the batch size and the number of steps trade off exactly:
+# twice the batch is half the steps. The grid is therefore also a test of the low-budget limit of section 7, since
+# its biggest-batch row has the fewest steps.
+#
+# The paper calls a setting near-optimal when its loss is within 0.25% of the best. Our tolerance has to be set by our
+# own noise instead: we call a cell near-optimal when it is within two seed standard deviations ($2\hat\sigma$, from
+# section 7) of the best cell. If $\hat\sigma$ is a percent or two of the loss, as the printout lets you check, the
+# paper's 0.25% is far below it, and with one run per cell it would single out whichever cell had the luckiest seed.
+# Two standard deviations is roughly the smallest gap at which one run per cell can tell two settings apart.
 
 # %%
 grid_specs, centre_specs = [], {}
@@ -1384,6 +1684,11 @@ typical = float(np.mean([r["loss_bits"] for r in grid if np.isfinite(r["loss_bit
 tolerance = 2 * noise_sd / typical
 print(f"{grid_seconds:.0f} s; near-optimal tolerance: two standard deviations = {2 * noise_sd:.4f} bits = "
       f"{tolerance:.1%} (the paper: 0.25%)")
+
+# %% [markdown]
+# The two heatmaps: rows are batch sizes (in rows of 96 tokens, and in tokens), columns are learning rates, and the
+# centre cell is Eq. 1's own choice. Each cell prints its loss; cells within the tolerance of their budget's best are
+# marked `near-opt`. A diverged run (an infinite loss) is left uncoloured and prints `inf`.
 
 # %%
 near = near_optimal(grid, tolerance)
@@ -1411,6 +1716,15 @@ fig.suptitle(f"Batch size x learning rate; near-optimal: within {tolerance:.1%} 
 fig.tight_layout()
 plt.show()
 
+# %% [markdown]
+# Then the paper's step, at our scale: fit $\eta_{opt} = k_\eta C^{\alpha_\eta}$ and $B_{opt} = k_B C^{\alpha_B}$
+# through all the near-optimal cells of both budgets. With two budgets the fit has two distinct $x$ values, the
+# minimum a slope needs, so take its exponents as a direction, not a measurement. If the near-optimal cells of a
+# budget share one learning rate, the bootstrap resamples can only pick among a few values, and the interval is
+# coarse. When a fit is
+# impossible (fewer than three near-optimal cells in all), the cell prints why, and the explorer of section 10 shows
+# "(no fit)".
+
 # %%
 lr_near = [(r["budget"], r["lr"]) for r in near]
 batch_near = [(r["budget"], r["batch_size"] * SEQ_LEN) for r in near]
@@ -1428,20 +1742,40 @@ for C in EXP["grid_budgets"]:
           f"{sum(r['budget'] == C for r in near)} of 9 cells near-optimal")
 
 # %% [markdown]
-# How to read the two heatmaps. At $10^{9}$ FLOPs the top row, the biggest batch, is far worse than the rest: with 6
-# rows a step the model gets only about 125 steps, not enough to learn the format; the near-optimal cells need smaller
-# batches. At $4\times10^{9}$ the near-optimal cells spread over the grid, roughly along a diagonal: a bigger batch
-# wants a bigger learning rate. Between the two budgets the region moves towards bigger batches, the direction of
-# Eq. 1's $B_{opt} \propto C^{0.3271}$; but with two budgets, and cells about one noise level apart, the fitted
-# exponents (printed above) are loose, and which cell is best would change with the seed. Eq. 1's own cell, extrapolated
-# eight orders of magnitude down, is a reasonable guess at both budgets (within 10% of the best) without being the best.
+# How to read the two heatmaps. At $10^{9}$ FLOPs, look first at the top row, the biggest batch (6 rows): by the
+# trade-off above it has the fewest steps of the grid, and if those are too few to learn the format of a solution,
+# the whole row is worse than the rest and the near-optimal cells sit at smaller batches. At $4\times10^{9}$ there are
+# four times the steps for every batch, so look for the near-optimal region to widen; if it lies along a diagonal, a
+# bigger batch wants a bigger learning rate, the usual coupling of the two. Between the budgets, Eq. 1 predicts the
+# region moves towards bigger batches ($B_{opt} \propto C^{0.3271}$) and slightly smaller learning rates. With two
+# budgets and cells about one noise level apart, the fitted exponents printed above are loose, and which single cell
+# is best could change with the seed.
+#
+# The question the section asked is answered by the centre cell alone: is Eq. 1's choice, extrapolated eight orders
+# of magnitude down, near-optimal here? The ledger records it for each budget, and the checks require it to be within
+# 12% of the best cell of its grid, a loose bar set so that it fails only if Eq. 1 is badly wrong for this world.
 #
 # ## 9. Multi-step against cosine
 #
 # DeepSeek LLM trains with a multi-step schedule (the peak rate until 80% of the tokens, then 31.6% of it, then 10%
-# from 90%) and reports the same final loss as cosine; chapter 00 compared the two on one run. Here we compare them on
-# the grid's centre point at the larger budget, with the IsoFLOP seeds (the multi-step runs are IsoFLOP runs, read
-# from the cache).
+# from 90%) and reports the same final loss as cosine; chapter 00 compared the two on one run. After the warm-up, with
+# $f$ the fraction of training done, the two schedules of `dslib.train` are
+#
+# $$\eta_{\text{multi-step}}(f) = \eta_{max} \times \begin{cases} 1 & f < 0.8 \\ 0.316 & 0.8 \le f < 0.9 \\
+#   0.1 & f \ge 0.9 \end{cases}, \qquad
+#   \eta_{\text{cosine}}(f') = \eta_{max}\left(0.1 + 0.9 \cdot \tfrac12\left(1 + \cos \pi f'\right)\right),$$
+#
+# where $f'$ runs from 0 to 1 over the steps after the warm-up: both end at 10% of the peak, so the comparison is about
+# the path, not the end point. Here we compare them on the grid's centre point at the larger budget, with the IsoFLOP
+# seeds. When that shape is one of the IsoFLOP curve's sizes, the multi-step runs are IsoFLOP runs and come from the
+# cache; the cell prints how many did.
+#
+# A difference of means needs an error bar to mean anything. With $n$ seeds per schedule and the pooled seed noise
+# $\hat\sigma$ of section 7, the standard error of the difference is
+#
+# $$\text{SE} = \hat\sigma \sqrt{\frac{1}{n_{\text{multi-step}}} + \frac{1}{n_{\text{cosine}}}},$$
+#
+# and a gap smaller than about two of these is not evidence that the schedules differ.
 
 # %%
 C_sched = max(EXP["grid_budgets"])
@@ -1462,9 +1796,11 @@ print(f"cosine - multi-step = {sched_gap:+.4f} bits ({sched_gap / multistep_bits
 shutdown_workers()  # the sweeps are done: let the worker processes go
 
 # %% [markdown]
-# The two schedules end within the noise of each other: the difference is a fraction of one seed's standard
-# deviation. That is the paper's finding, at our scale. What multi-step buys is not a lower loss but reuse: its first
-# 80% does not depend on how long training will run, so a longer run can continue from it (chapter 00).
+# Read the printed gap against its standard error. If it is within about two standard errors, the two schedules end
+# within the noise of each other, which is the paper's finding, at our scale; the ledger row below makes that test.
+# Either way, what multi-step buys is not a lower loss but reuse: its first 80% does not depend on how long training
+# will run, so a longer run can continue from it (chapter 00). DeepSeek LLM gives this convenience for continual
+# training as its reason for the schedule; a cosine schedule, whose every step depends on the total length, lacks it.
 
 # %% [markdown]
 # ## 10. Explore: from a compute budget to a training run
@@ -1476,6 +1812,17 @@ shutdown_workers()  # the sweeps are done: let the worker processes go
 # DeepSeek 7B and 67B sit. Our laws were fitted between $10^{9}$ and $8\times10^{9}$ FLOPs, from a few noisy points:
 # far from there they are a guess, and the band shows how wide a guess. (Where no widget front end runs, as in CI,
 # the explorer shows $C = 10^{17}$, the paper's smallest budget.)
+#
+# The DeepSeek row takes its shape from `shape_for` with DeepSeek's sequence length (4096), an aspect ratio of 128 and
+# 32 heads, close to the 7B model's proportions; ours uses the chapter's ladder settings.
+#
+# Things to try. Set the slider to 23, about the 7B model's compute: Eq. 4's shape there is the bigger model of
+# section 1, not the 7B itself; compare its layers and width with the 7B's 30 × 4096, and see what our law says
+# instead. Then move to the paper's fitted range, 17 to 20.5: how
+# far apart are the two laws there, as a ratio? Keep the arithmetic of extrapolation in mind: two laws whose
+# exponents differ by $\Delta a$ drift apart by a factor $10^{\Delta a \cdot n}$ over $n$ decades of compute, so
+# $\Delta a = 0.1$ is a factor of about 20 at the 7B model's compute, thirteen decades above our budgets. That is why
+# the paper fits at $10^{17}$ to $3\times10^{20}$ FLOPs, not at $10^{9}$.
 
 # %%
 ours_hyper = (HyperparameterLaw(hyper_fits["lr"].k, hyper_fits["lr"].exponent, hyper_fits["batch"].k,
@@ -1525,7 +1872,11 @@ explore(budget_explorer, log10_C=(9.0, 25.0, 0.25))
 # %% [markdown]
 # ## 11. Claims ledger
 #
-# What the paper claims next to what this chapter measured.
+# What the paper claims next to what this chapter measured. Each row names the paper's claim, its source, what this
+# run measured, and whether the miniature reproduces it; where it does not, the last column says why. The row for
+# $a + b = 1$ has no verdict on purpose: it is an identity (section 6), true of any IsoFLOP fit, so it cannot be
+# reproduced or refuted. The rows are computed from this run's numbers, so a rerun with other seeds or at `full`
+# scale can change a verdict; that is the point of keeping them in a table rather than in prose.
 
 # %%
 (a_lo, a_hi), (b_lo, b_hi) = a_fit.exponent_interval, b_fit.exponent_interval
@@ -1575,17 +1926,211 @@ ledger.show()
 saved_to = ledger.save()  # _build/ledger/01.json: `python -m dslib.book ledger` prints every chapter's rows
 
 # %% [markdown]
+# ## What you learned
+#
+# DeepSeek LLM's two scaling studies, rebuilt as `dslib.scaling` and run on the arithmetic world, eight orders of
+# magnitude below the paper's budgets.
+#
+# - **Compute per token.** The model scale $M = 72\,n_{layer}d_{model}^2 + 12\,n_{layer}d_{model}l_{seq}$ counts
+#   attention and leaves out the vocabulary; training costs $C = MD$. The usual $6N$ misses attention, and for narrow
+#   models the gap is large: $6N_1/M = 6d_{model}/(6d_{model} + l_{seq})$, checked against PyTorch's FLOP counter.
+# - **Hyperparameters from the budget.** Eq. 1 gives the batch size (in tokens) and the learning rate as powers of
+#   $C$; a grid around its choice, with a near-optimal tolerance set by the runs' own seed noise, tests it.
+# - **IsoFLOP fitting.** Spend each budget on several sizes with $D = C/M$, fit a parabola in $\log M$, take the vertex,
+#   and fit $M_{opt} = kC^a$ through the vertices in log-log space. $D_{opt}$, $b = 1 - a$ and $kk' = 1$ follow by
+#   construction.
+# - **Uncertainty.** A bootstrap of the points for power laws, of the residuals for IsoFLOP curves; seed noise
+#   measured, not assumed; and the lever arm $\sqrt{\sum(u_i - \bar u)^2}$, which says before any run that four times
+#   in compute cannot pin an exponent down.
+# - **What transfers.** The arithmetic and the method carry over to any scale; the fitted numbers belong to one world
+#   at one scale. The ledger above records, for this run, which of the paper's claims the miniature reproduces.
+#
+# **Next.** Chapter 02 replaces the dense feed-forward layer with DeepSeekMoE's mixture of experts, and the
+# balancing that keeps its experts evenly used in DeepSeek-V2 and V3. There, a model's parameter count and its
+# compute per token part ways, and this chapter's habit of counting FLOPs per token becomes the fair way to compare
+# models.
+#
 # ## Exercises
 #
-# 1. Cross the phase change on purpose: add a budget of $3\times10^{10}$ and run its IsoFLOP curve with two seeds.
-#    How far apart do the seeds land, and at which sizes? What does that do to the fitted $a$?
-# 2. Make the laws' lever longer at the bottom: allow `min_steps=100` (so no curve measures warm-up alone) and add a
-#    budget of $1.25\times10^{9}$. Which sizes survive, and does the curve still have an interior minimum?
-# 3. Fit in $6N_1$ instead of $M$: replace each run's $M$ by `six_n1(...)` before `fit_isoflop`. How much does the
-#    exponent move? (The paper's argument for $M$ is exactly this.)
-# 4. Halve the learning rate of the rule (`HyperparameterLaw(0.3118 / 2, ...)`) and measure the seed-to-seed spread
-#    of one run again. Is a scaling law easier to fit with the best learning rate or with a quieter one?
-# 5. Change the aspect ratio from 32 to 8, so that models of the same $M$ are deeper. Does depth pay at equal $M$?
+# Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project).
+#
+# 1. ★ **Does a 95% interval cover 95%?** Repeat the synthetic check of section 6 (eight budgets, 5% noise on Eq. 4)
+#    with 200 different noise draws, and count how often `fit_power_law`'s interval contains the true 0.5243.
+#
+#    <details><summary>Hint</summary>Draw the noise with `np.random.default_rng(100 + trial)`, pass `seed=trial` to
+#    `fit_power_law`, and test `lo < 0.5243 < hi` on `.exponent_interval`. `n_boot=1000` is enough.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    hits = 0
+#    for trial in range(200):
+#        noise = np.random.default_rng(100 + trial).normal(0, 0.05, C_syn.size)
+#        fit = fit_power_law(C_syn, 0.1715 * C_syn**0.5243 * np.exp(noise), n_boot=1000, seed=trial)
+#        lo, hi = fit.exponent_interval
+#        hits += lo < 0.5243 < hi
+#    print(f"coverage: {hits / 200:.0%} (nominal 95%)")
+#    ```
+#    Expect somewhat less than 95%. With only eight points the bootstrap's estimate of the spread is itself noisy and
+#    biased low (the plug-in variance of $n$ points carries a factor $(n-1)/n$, here 0.875), a known weakness of
+#    percentile intervals on small samples. With 200 trials the count itself is uncertain by about
+#    $\sqrt{200 \times 0.95 \times 0.05} \approx 3$ hits. A coverage of, say, 90% means the chapter's intervals are a
+#    little optimistic, a reason to read them as "at least this wide".
+#    </details>
+#
+# 2. ★ **When is $6N$ good enough?** Using the identity $6N_1/M = 6d_{model}/(6d_{model} + l_{seq})$, find the
+#    narrowest width at which $6N_1$ is within 10% of $M$, for our rows ($l_{seq} = 96$) and for DeepSeek's (4096).
+#    Which side of the line are DeepSeek 7B and 67B on, and our widest model?
+#
+#    <details><summary>Hint</summary>Solve $6d/(6d + l) \ge 0.9$ for $d$. Check your answer with `six_n1` and
+#    `flops_per_token` (one layer is enough: the depth cancels).</details>
+#    <details><summary>Solution</summary>
+#
+#    $6d \ge 0.9(6d + l)$ gives $0.6\,d \ge 0.9\,l$, so $d \ge 1.5\,l$: width 144 for our rows, 6144 for DeepSeek's.
+#    ```python
+#    for d, l in ((96, 96), (144, 96), (4096, 4096), (6144, 4096), (8192, 4096)):
+#        print(d, l, round(six_n1(1, d) / flops_per_token(1, d, l), 4), round(6 * d / (6 * d + l), 4))
+#    ```
+#    The 7B (width 4096) is below the line, $6/7 = 0.857$; the 67B (8192) above it, 0.923. Our widest rung (96, with
+#    $l_{seq} = 96$) has $d = l$ exactly like the 7B, and so the same ratio, $576/672 = 6/7$: the ratio depends on
+#    $d_{model}/l_{seq}$ alone. Our narrowest rungs, far below the line, are where $6N_1$ misleads most.
+#    </details>
+#
+# 3. ★ **Fit in $6N_1$ instead of $M$.** Replace each run's $M$ by its $6N_1$ before `fit_isoflop` and compare the
+#    exponent with $a$. Which way does it move, and why? (The paper's argument for $M$ is exactly this.)
+#
+#    <details><summary>Hint</summary>`six_n1(r["n_layer"], r["d_model"])` for each record `r` of `iso`; keep the budgets
+#    and losses as they are. No training is needed.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    n1 = [six_n1(r["n_layer"], r["d_model"]) for r in iso]
+#    fit_n1 = fit_isoflop([r["budget"] for r in iso], n1, [r["loss_bits"] for r in iso], seed=0)
+#    print("in M:  ", a_fit)
+#    print("in 6N1:", fit_n1.M_opt)
+#    ```
+#    Along a curve, $\ln 6N_1 = \ln M + \ln\frac{6d}{6d + l}$, and the correction grows with the width. The optimum's
+#    width grows with the budget, so the optima are stretched more at large budgets than at small ones, and the
+#    exponent in $6N_1$ should come out *larger* than $a$. Neither is wrong about these runs; but a law in $6N_1$
+#    extrapolated to models where $6N_1 \approx M$ carries a slope that came partly from the measure, not the models.
+#    (Only the size axis is relabelled here: the budgets are still true compute, $C = MD$.)
+#    </details>
+#
+# 4. ★★ **Cross the phase change on purpose.** At `small` scale, add a budget of $3\times10^{10}$ and run its
+#    IsoFLOP curve with two seeds. How far apart do the seeds land, and at which sizes? What does that do to the
+#    fitted $a$?
+#
+#    <details><summary>Hint</summary>`plan_isoflop([3e10], sizes, law, SEQ_LEN, seed=seed, **RUN)` for each seed, then
+#    `sweep`. `plan_isoflop` sorts each curve by $M$, so the two seeds' lists line up run for run. Compare each pair's
+#    gap with `noise_sd`.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    extra = [spec for seed in range(EXP["seeds"])
+#             for spec in plan_isoflop([3e10], sizes, law, SEQ_LEN, seed=seed, **RUN)]
+#    extra_runs = sweep(extra, workers=WORKERS, desc="3e10 runs")
+#    half = len(extra_runs) // EXP["seeds"]
+#    for r0, r1 in zip(extra_runs[:half], extra_runs[half:]):
+#        print(f"{r0['n_layer']}x{r0['d_model']}: {r0['loss_bits']:.4f} / {r1['loss_bits']:.4f} bits, "
+#              f"{r0['tokens']:,} tokens (noise_sd {noise_sd:.4f})")
+#    runs4 = iso + extra_runs
+#    fit4 = fit_isoflop([r["budget"] for r in runs4], [r["M"] for r in runs4], [r["loss_bits"] for r in runs4])
+#    print(fit4.M_opt, [o["interior"] for o in fit4.optima])
+#    ```
+#    Look at the smallest sizes, which see the most tokens. If a pair there differs by many times `noise_sd`, one seed
+#    made the copying jump and the other did not, and the parabola is fitted through points of two different curves.
+#    Its vertex then depends on which seeds jumped: expect the new budget to pull $a$ around, the interval to widen, or
+#    `fit_isoflop` to refuse a curve with no minimum (catch the `ValueError`). A law fitted across a qualitative change
+#    in what the model can do describes neither side of it.
+#    </details>
+#
+# 5. ★★ **A longer lever at the bottom.** Require `min_steps=100` (so that no run is mostly warm-up) and add a budget
+#    of $1.25\times10^{9}$. Which sizes survive, and does the new curve have an interior minimum?
+#
+#    <details><summary>Hint</summary>`plan_isoflop` raises on the first run that is too short, so plan the new curve
+#    run by run with `plan_run(..., min_steps=100, ...)` inside a `try`. The batch and learning rate are
+#    `law.batch_rows(C, SEQ_LEN)` and `float(law.lr(C))`.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    C_low, low = 1.25e9, []
+#    for seed in range(EXP["seeds"]):
+#        for shape in sizes(C_low):
+#            try:
+#                low.append(plan_run(C_low, shape, law.batch_rows(C_low, SEQ_LEN), float(law.lr(C_low)),
+#                                    min_steps=100, seed=seed, **RUN))
+#            except ValueError as e:
+#                if seed == 0:
+#                    print("dropped:", e)
+#    runs5 = iso + sweep(low, workers=WORKERS, desc="1.25e9 runs")
+#    fit5 = fit_isoflop([r["budget"] for r in runs5], [r["M"] for r in runs5], [r["loss_bits"] for r in runs5])
+#    print(fit5.optima[0], fit5.M_opt, sep="\n")
+#    ```
+#    By `plan_run`'s arithmetic at `small` scale, Eq. 1 gives 3 rows a step at this budget, and the five one-layer
+#    sizes of widths 4 to 20 get 754, 314, 179, 118 and 84 steps: the widest is dropped, four remain. The curve cannot
+#    reach smaller models (width 4 is the ladder's first rung), so if its vertex falls near width 4, `interior` is
+#    False and that budget's optimum is an extrapolation. The lever arm grows from 0.98 to about 1.41, so for the same
+#    scatter of the optima the interval on $a$ shrinks by about 30%, if the new vertex is trustworthy.
+#    </details>
+#
+# 6. ★★ **The best learning rate, or a quieter one?** Halve the rule's learning rate
+#    (`HyperparameterLaw(0.3118 / 2, -0.1250, 0.2920, 0.3271)`), rerun the IsoFLOP sweep with both seeds, and compare
+#    the seed-to-seed spread and the fitted $a$ with Eq. 1's. Is a scaling law easier to fit with the best learning
+#    rate or with a quieter one?
+#
+#    <details><summary>Hint</summary>Pass the new law to `plan_isoflop` in place of `law`, and compute the pooled
+#    standard deviation the way section 7's sweep cell computes `noise_sd`.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    quiet = HyperparameterLaw(0.3118 / 2, -0.1250, 0.2920, 0.3271)
+#    q_runs = sweep([spec for seed in range(EXP["seeds"])
+#                    for spec in plan_isoflop(EXP["budgets"], sizes, quiet, SEQ_LEN, seed=seed, **RUN)],
+#                   workers=WORKERS, desc="half-lr runs")
+#    q_points = {}
+#    for r in q_runs:
+#        q_points.setdefault((r["budget"], r["n_layer"], r["d_model"]), []).append(r["loss_bits"])
+#    q_sd = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in q_points.values()])))
+#    q_fit = fit_isoflop([r["budget"] for r in q_runs], [r["M"] for r in q_runs], [r["loss_bits"] for r in q_runs])
+#    print(f"seed noise: Eq. 1 {noise_sd:.4f}, half {q_sd:.4f} bits")
+#    print("Eq. 1:", a_fit)
+#    print("half: ", q_fit.M_opt)
+#    ```
+#    What makes an optimum easy to locate is the noise *relative to the curvature* of the curves, not the loss level:
+#    compare `q_sd` with how much the losses change between neighbouring sizes. But the two fits answer different
+#    questions. A scaling law is conditional on its hyperparameter rule: the half-rate law is the optimum for models
+#    trained at half the rate, and if the rate is further from optimal for some sizes than for others, the exponent
+#    moves for that reason alone. That is why the paper fits Eq. 1 first and uses it for every IsoFLOP run.
+#    </details>
+#
+# 7. ★★★ **Does depth pay at equal $M$?** Build a ladder at aspect ratio 8 instead of 32, so that models of the same
+#    $M$ are deeper, run the IsoFLOP sweep on it, and compare each budget's best loss and optimum with the ratio-32
+#    curves.
+#
+#    <details><summary>Hint</summary>`shape_ladder(SEQ_LEN, EXP["ladder"], aspect_ratio=8, n_head=EXP["n_head"])`, and
+#    a `sizes` function that calls `size_window` on it. Compare the vertices' `loss_min`: the best model of each family
+#    at the same compute.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    deep = shape_ladder(SEQ_LEN, EXP["ladder"], aspect_ratio=8, n_head=EXP["n_head"])
+#    deep_sizes = lambda C: size_window(deep, centre=float(ds_M(C)), n=EXP["n_sizes"])
+#    d_runs = sweep([spec for seed in range(EXP["seeds"])
+#                    for spec in plan_isoflop(EXP["budgets"], deep_sizes, law, SEQ_LEN, seed=seed, **RUN)],
+#                   workers=WORKERS, desc="aspect-8 runs")
+#    d_fit = fit_isoflop([r["budget"] for r in d_runs], [r["M"] for r in d_runs], [r["loss_bits"] for r in d_runs])
+#    for o32, o8 in zip(iso_fit.optima, d_fit.optima):
+#        print(f"C = {o32['C']:.1e}: best loss {o32['loss_min']:.4f} (ratio 32) vs {o8['loss_min']:.4f} (ratio 8), "
+#              f"M_opt {o32['M_opt']:.3g} vs {o8['M_opt']:.3g}")
+#    print(d_fit.M_opt)
+#    ```
+#    At ratio 8 a second layer arrives at width 12 and a third at width 20, so the ladder's $M$ climbs faster and its
+#    windows hold fewer, deeper shapes. Judge a difference of best losses against the noise: the vertex losses inherit
+#    the seed noise, so a gap smaller than about $2\hat\sigma$ is no evidence either way. Compare the budgets one by
+#    one before drawing a conclusion: depth can pay at one budget and not at another, for instance where the
+#    one-layer models have or have not yet learned to copy numbers (section 7). Whatever you find is a statement about
+#    this world at this scale; the chapter's shape rule keeps the ratio fixed precisely so that the IsoFLOP curves do
+#    not mix this question with the question of size.
+#    </details>
 #
 # ## Checks
 #

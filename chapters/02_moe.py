@@ -27,17 +27,26 @@
 #    group-limited routing and V3's selection bias; stacked SwiGLU experts (`Experts`) whose dispatch sorts tokens by
 #    expert; the `MoE` layer with always-active shared experts, laid out like transformers' `DeepseekV3MoE` so that a
 #    checkpoint maps onto it; each piece checked against a slow loop (section 2);
-# 2. balancing: DeepSeekMoE's expert- and device-level losses, V3's sequence-wise loss, V3's auxiliary-loss-free bias
-#    `update_bias`, and the load metrics MaxVio and routing entropy (section 3);
+# 2. balancing: DeepSeekMoE's expert- and device-level losses, V3's sequence-wise loss, the auxiliary-loss-free bias
+#    `update_bias` (Wang et al., adopted by V3), and the load metrics MaxVio and routing entropy (section 3);
 # 3. `MoETransformer`, a small language model whose feed-forward blocks are MoE layers and which trains with
 #    `dslib.train` unchanged (section 4);
 # 4. experiments on the arithmetic world: dense vs GShard-style top-2 vs DeepSeekMoE at equal activated and total
 #    parameters; no balancing vs an auxiliary loss vs the bias; disabling top experts and the shared expert; where the
 #    tokens go (sections 5-7), an explorer (section 8) and a claims ledger (section 9).
 #
+# **What you need.** Chapter 00: its decoder (`dslib.transformer.Transformer`, with `SwiGLU`, `RMSNorm` and
+# `Attention`), its trainer (`dslib.train.Trainer`, whose `loss_fn` and `after_step` hooks this chapter uses) and the
+# arithmetic world (`dslib.world`). Chapter 01 is not needed. The hand-written backward of section 2 reads more easily
+# if you have met `torch.autograd.Function` before, but the chapter explains each line of it. **How long.** The chapter
+# is budgeted at about 3 minutes at `small` scale on 2 CPU cores; most of that is the ten short training runs of
+# section 5 (five models, two seeds).
+#
 # **Papers.** DeepSeekMoE (arXiv 2401.06066), sections 3-4; DeepSeek-V2 (arXiv 2405.04434), section 2.2 (device-limited
 # routing, balance losses); DeepSeek-V3 (arXiv 2412.19437), section 2.1.2 (sigmoid gating, auxiliary-loss-free
-# balancing, the sequence-wise loss). Names follow DeepSeek-V3's reference configuration and transformers' DeepseekV3.
+# balancing, the sequence-wise loss). Auxiliary-loss-free balancing and its measure MaxVio were introduced by Wang et
+# al., "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts" (arXiv 2408.15664); V3 adopts the method
+# and cites that paper. Names follow DeepSeek-V3's reference configuration and transformers' DeepseekV3.
 #
 # Cells that start with `#| export` are saved into `dslib` by `python -m dslib.book export`; later chapters import them.
 
@@ -118,11 +127,26 @@ for name, n in combos.items():
 assert combos["GShard, 2 of 16"] == 120 and round(combos["DeepSeekMoE, 8 of 64 (m = 4)"] / 1e9, 1) == 4.4
 
 # %% [markdown]
+# The count is an identity, not a measure of quality: it says how many different teams of experts a token can be
+# given, not that the model will use them well. The paper's argument is that a narrow expert can hold a narrower piece
+# of knowledge, and a token assembles what it needs from several of them. Whether that pays is an empirical question,
+# which DeepSeekMoE answers with its Pile losses and section 5 asks again at toy scale.
+#
+# Why this matters for DeepSeek: V3 has 671B parameters but spends about 37B per token, a ratio of roughly 18 to 1.
+# Every later chapter that trains a DeepSeek-shaped model (chapter 04's V3-mini, and through it the rest of the course)
+# uses the layer built here.
+#
 # ## 2. Build: router, experts, dispatch
 #
 # `MoEConfig` uses the names of DeepSeek-V3's configuration: `n_routed_experts`, `num_experts_per_tok` ($K_r$),
 # `n_shared_experts`, `moe_intermediate_size` (one expert's width), `scoring_func`, `n_group` and `topk_group`,
-# `norm_topk_prob`, `routed_scaling_factor`. The three alphas are the balance losses of section 3.
+# `norm_topk_prob`, `routed_scaling_factor`. The three alphas are the balance losses of section 3. For scale, V3's
+# reference configuration (`config_671B.json`) sets 256 routed experts of width 2048, 8 chosen per token, 1 shared
+# expert, sigmoid scoring, `n_group` = 8 and `topk_group` = 4, normalised weights and a scaling factor of 2.5. The
+# defaults here are a small sigmoid-gated layer (width 64, 8 experts, 2 chosen) with the other features switched off.
+#
+# The first exported cell opens the module `dslib.moe`: its docstring, its imports (the module builds on chapter 00's
+# `dslib.transformer` and `dslib.train`) and the two scoring functions.
 
 # %%
 #| default_exp moe
@@ -152,7 +176,14 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
+# %% [markdown]
+# Then `MoEConfig`. It is checked when it is built, because a bad MoE configuration often fails far from its cause: a
+# group count that does not divide the experts breaks a `view` deep inside the router, and too few experts in the kept
+# groups makes `topk` raise on the first batch. The one rule that is not obvious: the `topk_group` kept groups must
+# hold at least $K_r$ experts between them, or a token cannot find $K_r$ experts to choose.
 
+# %%
+#| export
 @dataclass
 class MoEConfig:
     """One MoE layer, with DeepSeek-V3's reference names.
@@ -262,7 +293,25 @@ assert len(config_errors) == 5
 # their experts only (V2: $M = 3$ of 8 devices; "$M \ge 3$ is about as good as unlimited"). V3's reference code splits
 # the experts into `n_group` = 8 groups, scores each group by the **sum of its two best biased affinities**, keeps the
 # `topk_group` = 4 best groups and masks the rest. Affinities are computed in float32, as in transformers'
-# `DeepseekV3TopkRouter`.
+# `DeepseekV3TopkRouter`. For a group $G$ of experts,
+#
+# $$\mathrm{score}_G = \sum_{\text{the 2 largest } i \in G} (s_{i,t} + b_i),$$
+#
+# and "two" is $K_r / M = 8 / 4$: if a token's 8 experts are to come from 4 nodes, each kept node should offer about
+# two good ones. The masked experts get $-\infty$, so the final `topk` cannot pick them.
+#
+# **Shapes.** For $N$ tokens of width $d$ and $E$ routed experts: the input `x` is (N, d), the centroids `weight`
+# (E, d), the affinities `scores` (N, E) in float32; the result holds `indices` (N, $K_r$) and `weights` (N, $K_r$).
+# The bias `e_score_correction_bias` (E,) is a buffer, not a parameter: the optimizer never sees it (so no learning
+# rate or weight decay touches it), yet it is saved in the `state_dict` under the name V3's checkpoints use.
+#
+# **Where the router's gradient comes from.** `topk` returns indices, which carry no gradient. The router learns only
+# through `weights = scores.gather(1, indices)`: the language-model loss reaches the centroids $e_i$ of the *chosen*
+# experts through their gating weights, and the balance losses of section 3 reach every $e_i$ through $P_i$. That is
+# why the choice uses `scores.detach()`: adding the bias must never open a gradient path of its own. One more
+# difference between the two gatings: with softmax and `norm_topk_prob=False` (GShard, DeepSeekMoE) a token's weights
+# sum to less than 1, and a token unsure of its experts gets a smaller routed output; with sigmoid the affinities do
+# not compete, so V3 normalises the chosen ones to sum to 1 before scaling.
 
 # %%
 #| export
@@ -398,6 +447,13 @@ assert moved > 0.5 and weights_are_unbiased and (after.indices == 3).any(1).all(
 assert torch.allclose(after.weights.sum(1), torch.full((64,), 2.5))
 
 # %% [markdown]
+# Why these checks are the right ones. The reference loop uses Python's `sorted` and float64, and shares no code with
+# the router, so an agreement is unlikely to be a shared bug. Comparing the *sets* of chosen experts, not the index
+# tensors, avoids a false alarm: `topk` may return the same experts in another order. The bias test pushes one expert
+# far above the others and asks two questions at once, whether the choice moved and whether the weights stayed with
+# the unbiased affinities. That is the property that lets V3 balance without changing the function the layer computes
+# for a given choice. The last assertion is an identity: normalised weights times the scaling factor must sum to 2.5.
+#
 # ### The experts and the dispatch
 #
 # Every expert is a SwiGLU, $\mathrm{FFN}_i(u) = W^{down}_i(\mathrm{silu}(W^{gate}_i u) \odot W^{up}_i u)$. The
@@ -425,11 +481,25 @@ assert torch.allclose(after.weights.sum(1), torch.full((64,), 2.5))
 #   intermediate that it does not need, and adds nothing up twice.
 #
 # What it cannot change is the size of each product: an expert sees about $NK_r/E$ tokens (384 at the benchmark's
-# shape) and an inner width of $I = 128$ for its down projection, and matrix products that small run slower per
-# FLOP than the dense layer's one big product. `benchmarks/moe_dispatch.py` measures how much.
+# shape) and an inner width of $I = 128$ for its down projection, and matrix products that small usually reach a
+# smaller share of a processor's peak than the dense layer's one big product. `benchmarks/moe_dispatch.py` measures
+# how much.
 #
 # No token is dropped: an expert takes however many tokens choose it (GShard's capacity limit, and V2's token dropping,
 # are not needed at this scale; V3 drops none either).
+#
+# **The sort, on a small case.** Two tokens, $K_r = 2$, three experts, `indices = [[2, 0], [0, 1]]`. Flattened, the
+# pairs are `[2, 0, 0, 1]` (pair $p$ is token $p // 2$). A stable `argsort` gives `order = [1, 2, 3, 0]`, so
+# `token = order // 2 = [0, 1, 1, 0]`, `counts = [2, 1, 1]` and the cumulative ends `offs = [2, 3, 4]`: rows 0-1 of the
+# gathered tokens go to expert 0, row 2 to expert 1, row 3 to expert 2. "Stable" keeps the pairs of one expert in
+# token order, so the blocks, and the order in which `index_add` sums each token's outputs, never depend on how the
+# sort breaks ties.
+#
+# The code comes in three parts. First, two helpers around `F.grouped_mm`, which multiplies each block of rows by its
+# own matrix in one call; `offs` (int32) holds the blocks' cumulative ends, as in the example. `_per_expert` is the
+# forward product, block $e$ of `a` (M, K) times `w[e]`$^\top$, giving (M, N). `_weight_grads` is the product a
+# weight's gradient needs, block $e$ of `g` transposed times block $e$ of `a`, giving one (N, K) matrix per expert:
+# there the blocks split the dimension that is summed over.
 
 # %%
 #| export
@@ -445,7 +515,38 @@ def _weight_grads(g: torch.Tensor, a: torch.Tensor, offs: torch.Tensor) -> torch
     """g (M, N), a (M, K) in the same blocks -> (E, N, K): block e of g transposed times block e of a."""
     return F.grouped_mm(g.t(), a, offs=offs)
 
+# %% [markdown]
+# Second, `ExpertProducts`, the grouped products with a forward and a backward written by hand. Write $t(p)$ for the
+# token of pair $p$, $e$ for its expert and $w_p$ for its gating weight. The forward computes, in one product of width
+# $2I$,
+#
+# $$z_p = W^{gu}_e x_{t(p)} = \begin{bmatrix} a_p \\ b_p \end{bmatrix},\qquad h_p = \mathrm{silu}(a_p) \odot b_p,
+#   \qquad y_t = \sum_{p:\,t(p) = t} W^{down}_e\,(w_p h_p),$$
+#
+# with $W^{gu}_e$ the gate and up weights stacked, (2I, d). The backward is the chain rule on these three lines,
+# given the gradient $\bar y_t$ of the loss with respect to each output (a bar marks a gradient):
+#
+# $$\bar W^{down}_e = \sum_{p \in e} \bar y_{t(p)} (w_p h_p)^\top,\qquad \bar r_p = W^{down\top}_e \bar y_{t(p)},
+#   \qquad \bar w_p = \bar r_p^\top h_p,\qquad \bar h_p = w_p \bar r_p,$$
+#
+# $$\bar b_p = \bar h_p \odot \mathrm{silu}(a_p),\qquad \bar a_p = \bar h_p \odot b_p \odot \mathrm{silu}'(a_p),\qquad
+#   \bar W^{gu}_e = \sum_{p \in e} \bar z_p\, x_{t(p)}^\top,\qquad
+#   \bar x_t = \sum_{p:\,t(p) = t} W^{gu\top}_e \bar z_p,$$
+#
+# where $\bar r_p$ is the gradient of the weighted hidden activation $w_p h_p$ and
+# $\mathrm{silu}'(a) = \sigma(a)\,(1 + a\,(1 - \sigma(a)))$ (`aten.silu_backward` computes it). In the code, `g_out`,
+# `g_down`, `g_hw`, `g_weight`, `g_h`, `g_gu`, `g_w_gu`, `g_xs` and `g_x` are $\bar y_{t(p)}$, $\bar W^{down}$,
+# $\bar r$, $\bar w$, $\bar h$, $\bar z$, $\bar W^{gu}$, the per-pair $\bar x$ and $\bar x$. The $\bar w_p$ line matters
+# most for DeepSeek: it is the gradient that flows back through the gating weights into the router, the only way the
+# language-model loss teaches the router which experts to choose.
+#
+# Two pitfalls the code steps around. The order of the in-place products matters: $\bar w$ is computed from `g_hw`
+# before `g_hw.mul_` turns it into $\bar h$, and $\bar b$ is written from `g_h` before `g_h.mul_` multiplies it by
+# $b_p$ for $\bar a$. And `backward` returns one gradient per input of `forward`, seven in all, with `None` for the
+# integer inputs `token` and `offs`.
 
+# %%
+#| export
 class ExpertProducts(torch.autograd.Function):
     """The routed experts on pairs sorted by expert, forward and backward by hand (the grouped dispatch).
 
@@ -484,7 +585,17 @@ class ExpertProducts(torch.autograd.Function):
         g_x = grad.new_zeros(grad.shape, dtype=down.dtype).index_add_(0, token, g_xs)
         return g_x.to(ctx.x_dtype), None, g_weight, None, g_w_gu[:, :i], g_w_gu[:, i:], g_down
 
+# %% [markdown]
+# Third, the `Experts` module, which owns the stacked weights and does the sort of the example above. `dispatch`
+# chooses the products. The `"loop"` path slices the sorted tokens into one block per expert and runs an ordinary
+# SwiGLU on each, so autograd does the backward: it works on any device and dtype and is the reference for the hand
+# backward. Its `counts.tolist()` copies the counts to the host, which on a GPU waits for the router to finish. The
+# `"grouped"` path hands everything to `ExpertProducts`, with autocast off so that the products run in the weights'
+# dtype. `"auto"` takes the grouped path only on the CPU, with a PyTorch that has `F.grouped_mm` and autocast off, and
+# the loop everywhere else. `expert(e, x)` runs one expert alone, for a per-token reference such as the benchmark's.
 
+# %%
+#| export
 class Experts(nn.Module):
     """E routed SwiGLU experts, stacked: gate_proj, up_proj (E, I, d) and down_proj (E, d, I). Slice e of each is the
     weight of an nn.Linear, so expert e computes down_e(silu(gate_e x) * up_e x).
@@ -589,22 +700,47 @@ if "grouped" in grads:
 #   \mathbb 1(\text{token } t \text{ chooses } i),\qquad P_i = \frac1T \sum_{t=1}^{T} s_{i,t}.$$
 #
 # $f_i$ is expert $i$'s share of the load, scaled so that a perfect balance gives $f_i = 1$; it carries no gradient, so
-# the loss pushes down the affinities of the experts that are over-used. The **device-level** loss
+# the loss pushes down the affinities of the experts that are over-used: as the paper writes it, the gradient with
+# respect to one affinity is $\partial \mathcal L_{ExpBal} / \partial s_{i,t} = \alpha_1 f_i / T$, largest for the
+# busiest expert. When both the load and the mean affinity are uniform ($f_i = 1$, $P_i = 1/N'$), $\sum_i f_i P_i = 1$
+# by construction, a handy reference value for the printed losses. The **device-level** loss
 # $\mathcal L_{DevBal} = \alpha_2 \sum_{i=1}^{D} f'_i P'_i$ does the same per device ($f'_i$ the mean of its experts'
 # $f_j$, $P'_i$ their sum) and lets experts within a device be unbalanced. The 2B model uses $\alpha_1 = 0.01$; V2 uses
 # $\alpha_1 = 0.003$, $\alpha_2 = 0.05$ (and a communication loss, not built here).
 #
-# A loss is a compromise: its gradient fights the language-model loss. **DeepSeek-V3's auxiliary-loss-free balancing**
-# (section 2.1.2) drops it. The bias $b_i$ of the router moves after each training step: down by $\gamma$ for an expert
-# that took more than the mean load of the batch, up by $\gamma$ for one that took less (V3: $\gamma = 0.001$ for the
-# first 14.3T tokens, then 0). Since $b_i$ only steers the choice, the gating weights, and so the model's function,
-# stay those of the affinities. V3 keeps a tiny **complementary sequence-wise loss**, $\alpha = 0.0001$, the same
-# $\sum f_i P_i$ computed within each sequence, with affinities normalised per token (eq. 17-20), against extreme
-# imbalance inside one sequence.
+# A loss is a compromise: its gradient fights the language-model loss. **Auxiliary-loss-free balancing** drops it. It
+# was introduced by Wang et al. (arXiv 2408.15664), and DeepSeek-V3 adopts it (section 2.1.2, citing that paper). The
+# bias $b_i$ of the router moves after each training step: down by $\gamma$ for an expert that took more than the mean
+# load $\bar c$ of the batch, up by $\gamma$ for one that took less,
 #
-# **Measuring balance.** The load of expert $i$ is the number of tokens it gets. V3's ablation reports **MaxVio** =
-# max load / mean load - 1 (0: perfect); we also report the **routing entropy** of the load shares, $\log E$ when
-# balanced.
+# $$b_i \leftarrow b_i + \gamma\,\mathrm{sign}(\bar c - c_i),$$
+#
+# with $c_i$ the number of tokens expert $i$ received (V3: $\gamma = 0.001$ for the first 14.3T tokens, then 0). Since
+# $b_i$ only steers the choice, the gating weights, and so the model's function, stay those of the affinities. Only the
+# sign of the imbalance is used, so every expert off the mean moves by the same step whatever the size of its excess.
+# The scale of $\gamma$ must be read against the affinities: with softmax over 31 experts a typical affinity is about
+# $1/31 \approx 0.03$, so 10 steps of $\gamma = 0.001$ shift an expert by a third of a typical score and 30 steps by a
+# whole one (arithmetic, not a measurement). V3 keeps a tiny **complementary sequence-wise loss**, $\alpha = 0.0001$,
+# the same $\sum f_i P_i$ computed within each sequence, with affinities normalised per token (eq. 17-20), against
+# extreme imbalance inside one sequence:
+#
+# $$\mathcal L_{Bal} = \alpha \sum_{i=1}^{N_r} f_i P_i,\qquad f_i = \frac{N_r}{K_r T} \sum_{t=1}^{T}
+#   \mathbb 1\big(s_{i,t} \in \mathrm{Topk}(\{s_{j,t}\}, K_r)\big),\qquad P_i = \frac1T \sum_{t=1}^{T}
+#   \frac{s_{i,t}}{\sum_{j} s_{j,t}},$$
+#
+# with $T$ now the length of one sequence. Two details of the code below. It counts the experts the router actually
+# chose, bias included, where eq. 18 writes the top-K of the affinities; the two differ only where the bias changed a
+# choice. And a "sequence" is a row of the batch: in the packed rows of this course a row holds several documents.
+#
+# **Measuring balance.** The load of expert $i$ is the number of tokens it gets. Wang et al. (arXiv 2408.15664) measure
+# balance by the **maximal violation**,
+#
+# $$\mathrm{MaxVio} = \frac{\max_i c_i - \bar c}{\bar c},$$
+#
+# 0 for a perfect balance (computed over one training batch it is their $\mathrm{MaxVio}_{batch}$, which is what section
+# 6 records). Its largest value is an identity: if one expert receives every token, $c_i = T$ and $\bar c = TK/E$, so
+# MaxVio $= E/K - 1$, which is $31/7 - 1 \approx 3.4$ for section 5's DeepSeekMoE. We also report the **routing
+# entropy** of the load shares, $\log E$ when balanced.
 
 # %%
 #| export
@@ -697,12 +833,74 @@ assert abs(hand["sequence"] - 1.075) < 1e-6 and abs(hand["MaxVio"] - 0.5) < 1e-9
 assert abs(routing_entropy(torch.ones(8)) - math.log(8)) < 1e-6 and routing_entropy(torch.tensor([5., 0, 0])) == 0
 
 # %% [markdown]
+# The example is small enough to catch the usual slips: the scale $N'/(K'T)$ of $f_i$, a sequence-wise loss that
+# averages over the wrong axis, or a MaxVio that divides by the total load instead of the mean. One agreement is an
+# identity of this example, not of the losses: the device-level loss equals the expert-level one here only because the
+# two experts of each device have the same $P_i$.
+#
 # ### The MoE layer
 #
 # The layer puts the pieces together: route, dispatch to the routed experts, add the shared experts (one SwiGLU of
 # $K_s$ times an expert's width, as the reference code does), and compute the balance losses the config asks for. It
 # keeps the last forward's routing and loss, so that a training loop can read them (`moe_aux_loss`) and move the bias
-# (`update_bias`), and it has the submodules and parameter names of transformers' `DeepseekV3MoE`.
+# (`update_bias`), and it has the submodules and parameter names of transformers' `DeepseekV3MoE`. It implements V3's
+# eq. 12 without the residual, which the transformer block adds:
+#
+# $$h'_t = u_t + \sum_{i=1}^{N_s} \mathrm{FFN}^{(s)}_i(u_t) + \sum_{i=1}^{N_r} g_{i,t}\, \mathrm{FFN}^{(r)}_i(u_t).$$
+#
+# The input may be (b, t, d) or (N, d); the layer flattens it to (N, d) tokens, because routing treats every token on
+# its own. Three things to keep in mind when you train with it:
+#
+# - `aux_loss` is rebuilt by every forward, on that forward's graph. `moe_batch_loss` adds it to the language-model
+#   loss, so the balance losses only count when the trainer uses `loss_fn=moe_batch_loss`.
+# - `update_bias` reads the routing of the *last* forward. Call it once per optimizer step, after the step; with
+#   gradient accumulation it would see only the last micro-batch.
+# - For the sequence-wise loss each of the $b$ rows of a (b, t, d) input is one sequence.
+
+# %% [markdown]
+# Before the code, the layer and its dispatch as a picture. Top: what happens to one token. Bottom: how the layer
+# does it for all $N$ tokens at once, without a loop over tokens.
+
+# %%
+from dslib.diagram import Diagram
+
+
+def draw_moe_layer():
+    """The DeepSeekMoE layer with V3's routing (top) and the sorted dispatch that computes it (bottom)."""
+    d = Diagram(13.6, 4.6, "DeepSeekMoE with V3's routing (V3, eqs. 12-16), and the sorted dispatch")
+    d.box(0.1, 2.9, 1.1, 1.0, "token u_t\n(d)", "baseline")
+    d.box(1.6, 2.9, 2.5, 1.0, "router: s_i = sigmoid(u_t . e_i)\nchoose top K_r of s_i + b_i\n(b_i: the loss-free bias)",
+          "stage")
+    for i, (label, chosen) in enumerate((("expert 1", True), ("expert 2", False), ("expert 3", True),
+                                         ("...", False), ("expert N_r", True))):
+        d.box(4.6 + 0.95 * i, 3.35, 0.85, 0.55, label, "stage" if chosen else "baseline", fontsize=7.5)
+    d.ax.text(6.95, 3.1, "K_r routed experts chosen (coloured); weights g_i from s_i, not s_i + b_i", fontsize=7.5,
+              color="#555555", ha="center")
+    d.box(4.6, 2.3, 4.6, 0.55, "shared expert(s): every token, no router", "model", fontsize=7.5)
+    d.box(9.8, 2.6, 3.7, 1.3, "h_t = u_t + shared(u_t)\n+ sum over chosen i of g_i FFN_i(u_t)\n(the block adds u_t)",
+          "measure")
+    d.arrow(1.2, 3.4, 1.6, 3.4)
+    d.arrow(4.1, 3.55, 4.6, 3.6)
+    d.arrow(1.2, 3.05, 4.6, 2.55)
+    d.arrow(9.35, 3.6, 9.8, 3.4)
+    d.arrow(9.2, 2.55, 9.8, 2.9)
+    y, h = 0.2, 1.1
+    steps = (("N x K_r (token, expert)\npairs, flattened", "baseline", 2.3),
+             ("argsort by expert:\neach expert's pairs\nbecome one block", "stage", 2.2),
+             ("gather the tokens\nin that order\n(index_select)", "stage", 2.0),
+             ("one product per block\n(grouped_mm): gate+up,\nsilu, x g, down", "stage", 2.5),
+             ("index_add each row\nback to its token", "measure", 2.1))
+    x = 0.1
+    for i, (text, kind, w) in enumerate(steps):
+        d.box(x, y, w, h, text, kind, fontsize=8)
+        if i:
+            d.arrow(x - 0.35, y + h / 2, x, y + h / 2)
+        x += w + 0.35
+    d.ax.text(6.8, 1.5, "the dispatch, for all N tokens at once (section 2)", fontsize=8, color="#555555", ha="center")
+    d.show()
+
+
+draw_moe_layer()
 
 # %%
 #| export
@@ -849,6 +1047,13 @@ assert torch.allclose(step[load > load.mean()], torch.tensor(-0.01)) and torch.a
 print(f"load {load.int().tolist()}; bias step {[round(v, 2) for v in step.tolist()]}")
 
 # %% [markdown]
+# What the cell above establishes. Agreement with `DeepseekV3MoE` on random weights, with groups, a bias and a scaling
+# factor, checks every convention a checkpoint depends on at once: which half of `gate_up_proj` is the gate, the group
+# score, where the bias enters, and when the weights are normalised and scaled. Any one of them wrong would almost
+# surely move the output by far more than $10^{-5}$. The last two checks are about training rather than inference: the
+# stored `aux_loss` is the formula applied to the layer's own routing and still has a graph, so it can be
+# backpropagated, and `update_bias` moves each bias by exactly $\pm\gamma$ in the right direction.
+#
 # ## 4. A small MoE language model
 #
 # Chapter 00's decoder with the SwiGLU of each block replaced by an MoE layer (after the first
@@ -933,6 +1138,19 @@ class MoETransformer(Transformer):
         idle = (c.n_routed_experts - c.num_experts_per_tok) * 3 * c.d_model * c.moe_intermediate_size
         return self.num_params(embeddings) - idle * (c.n_layer - c.first_k_dense_replace)
 
+# %% [markdown]
+# `num_activated_params` subtracts, in every MoE layer, the experts a token does not choose; each expert is a SwiGLU
+# with three matrices of $d \times I$:
+#
+# $$P_{act} = P - (n_{layer} - k_{dense})\,(N_r - K_r)\cdot 3\,d\,I,$$
+#
+# so the router and the shared experts count as active, which they are. This is the count behind V3's "37B of 671B".
+#
+# The check below builds a two-layer model with one dense and one MoE layer (with group-limited routing) and decodes
+# with the KV cache, one token at a time after a prompt of 12. The cached logits must equal those of one full forward.
+# That holds only because the routing of a token depends on that token alone. With a capacity limit, as in GShard, a
+# token could be dropped in a full forward but kept when it is decoded alone, and the two would differ.
+
 # %%
 # The arithmetic world with single-digit numbers (every number and intermediate result in 0..9): short runs get past
 # learning the format and into the arithmetic itself, where what the feed-forward layers store starts to matter.
@@ -966,16 +1184,22 @@ assert model_cache_error < 1e-5 and len(moe_layers(check_model)) == 1
 # | GShard top-2 | 8 experts of width $W$, softmax, top 2 | 2 of 8 | $\alpha_1 = 0.01$ |
 # | DeepSeekMoE | 1 shared + 31 routed experts of width $W/4$ ($m = 4$), softmax, top 7 | 1 + 7 of 32 | $\alpha_1 = 0.01$ |
 # | DeepSeekMoE, no balancing | the same | the same | none |
-# | DeepSeekMoE, loss-free bias | the same | the same | V3's bias, $\gamma = 0.001$ |
+# | DeepSeekMoE, loss-free bias | the same | the same | the bias (Wang et al., V3), $\gamma = 0.001$ |
+#
+# The budget is arithmetic. A SwiGLU of width $I$ has $3dI$ parameters. The dense model has $3d \cdot 2W = 6dW$ per
+# layer. GShard has $8 \cdot 3dW = 24dW$ in total and uses $2 \cdot 3dW = 6dW$ per token; DeepSeekMoE has
+# $32 \cdot 3d \cdot W/4 = 24dW$ and uses $(1 + 7) \cdot 3d \cdot W/4 = 6dW$. Only the routers differ, $E \times d$ per
+# layer, and the cell below asserts exactly that. So the MoE models hold four times the dense model's feed-forward
+# parameters at the same computation per token.
 #
 # The first three answer DeepSeekMoE's question (section 5); the last three, which share the architecture, V3's
 # question about balancing (section 6). All use softmax gating without normalisation, as DeepSeekMoE does, so that only
 # the balancing differs between the last three. (V3's own gating, sigmoid with normalisation, is the one checked
 # against transformers above; exercise 2 reruns the balancing race with it.) Every run sees the same batches for a
-# given seed; two seeds each. The held-out loss is measured on documents about the world's held-out problems. At small
-# scale the world has single-digit numbers (`max_value=9`): with the default two-digit world, runs this short stay on
-# the plateau of held-out loss near 1.0 where a model has learned the format but not yet the sums, and there every
-# model looked the same.
+# given seed; two seeds each at `small` scale, three at `full`. The held-out loss is measured on documents about the
+# world's held-out problems. At small scale the world has single-digit numbers (`max_value=9`). With the default
+# two-digit world, runs this short can stay on a plateau of held-out loss near 1.0, where a model has learned the
+# format but not yet the sums; on a plateau, differences in the feed-forward layers have nothing to show.
 
 # %%
 EXP = dslib.sized(small=dict(d_model=64, n_layer=2, n_head=4, width=64, steps=180, batch=16, lr=3e-3, seeds=(0, 1)),
@@ -1014,6 +1238,14 @@ data = {seed: PackedData([doc.text for doc in world.corpus()], tok, SEQ_LEN, EXP
 valid = PackedData([doc.text for doc in world.validation()], tok, SEQ_LEN, 64, seed=0).all_batches()
 print(f"{EXP['steps']} steps x {EXP['batch']} rows x {SEQ_LEN} tokens per run, {len(ARMS) * len(EXP['seeds'])} runs")
 
+# %% [markdown]
+# `train_arm` trains one model with chapter 00's `Trainer`: AdamW, warm-up then cosine, and a held-out evaluation at the
+# start and after every quarter of the run. Two hooks make it an MoE run. `loss_fn=moe_batch_loss` adds the balance
+# losses the arm's config asks for (the dense model has none, and `moe_aux_loss` gives zero). `after_step` runs after
+# each optimizer step: it records the batch's MaxVio, averaged over the MoE layers, and then, for the loss-free arm,
+# moves the bias. The MaxVio comes from the routing that step's forward stored, so it describes the choices the model
+# trained with in that step, made with the bias as it stood before the update.
+
 # %%
 def train_arm(arm: str, seed: int) -> dict:
     """Train one arm on seed's batches; record each step's MaxVio (mean over the MoE layers) before any bias update."""
@@ -1050,6 +1282,12 @@ for a in ARMS:
     print(f"{a:<28}{final[a].mean():>7.3f}   {' '.join(f'{v:.3f}' for v in final[a]):<14}{mean_run[a].mean():>14.3f}   "
           f"{' '.join(f'{v:.3f}' for v in mean_run[a])}")
 
+# %% [markdown]
+# The table prints two numbers per run: the final held-out loss, and its mean over the evaluations after step 0, which
+# is less sensitive to where one short run happens to end. The plot below shows the held-out curves of the first three
+# models (left) and each run's two numbers (right). Look for two things: whether the MoE curves separate from the dense
+# one, and whether the seeds of one model lie closer to each other than to another model's.
+
 # %%
 colours = {"dense": "tab:gray", "GShard top-2": "tab:orange", "DeepSeekMoE": "tab:blue",
            "DeepSeekMoE, no balancing": "tab:red", "DeepSeekMoE, loss-free bias": "tab:green"}
@@ -1076,20 +1314,27 @@ print(f"final loss, DeepSeekMoE minus GShard per seed: {', '.join(f'{v:+.3f}' fo
       f"best MoE minus dense: {', '.join(f'{v:+.3f}' for v in moe_vs_dense)}")
 
 # %% [markdown]
-# Read this with the size of the runs in mind: a few hundred steps of models of a few hundred thousand parameters. The
-# printout above says, seed by seed, which model ended lower, and section 9 records whether each ordering held on every
-# seed. The paper's gap between DeepSeekMoE and GShard (Pile loss 1.808 against 1.867 for 2B models after 100B tokens)
-# is 0.06 nats; in runs this short, differences of a few hundredths move from seed to seed, so only an ordering that
-# holds on every seed counts. In the runs we made while writing this chapter (seeds 0 and 1), both MoE models ended
-# below the dense one, which has a third of their parameters to store sums in, while DeepSeekMoE against GShard changed
-# sign from one seed to the other.
+# Read this with the size of the runs in mind: at `small` scale, a few hundred steps of models of a few hundred
+# thousand parameters. The printout above says, seed by seed, which model ended lower, and section 9 records whether
+# each ordering held on every seed. The paper's gap between DeepSeekMoE and GShard (Pile loss 1.808 against 1.867 for
+# 2B models after 100B tokens) is 0.06 nats. Compare any gap here with the difference between two seeds of the same
+# model, which section 9 prints as the seed-to-seed noise: only an ordering that holds on every seed counts.
+#
+# What to look for. If both MoE models end below the dense one on every seed, the extra parameters pay even at this
+# size: the dense model has a quarter of their feed-forward parameters to store sums in, at the same computation per
+# token. If DeepSeekMoE against GShard changes sign from one seed to the other, that comparison is inside the noise of
+# these runs, and the ledger says so instead of counting it as a reproduction.
 
 # %% [markdown]
 # ## 6. Experiment: no balancing vs the auxiliary loss vs the loss-free bias
 #
-# The three DeepSeekMoE runs that differ only in balancing. V3's claim (section 2.1.2 and its ablation) is that the bias
-# balances the load at least as well as the loss, without the loss's cost in quality. The measure of balance is each
-# training batch's MaxVio, averaged over the MoE layers.
+# The three DeepSeekMoE runs that differ only in balancing. Two papers make the claim under test. Wang et al. (arXiv
+# 2408.15664), who introduced the bias, report that it gives both a lower MaxVio and a lower perplexity than training
+# with an auxiliary loss. DeepSeek-V3 adopts the bias, and its ablation (section 4.5.2) reports that models trained
+# with it do better on most benchmarks than the same models trained with an auxiliary loss alone. The measure of
+# balance here is each training batch's MaxVio, averaged over the MoE layers. The loss arm uses DeepSeekMoE's
+# $\alpha_1 = 0.01$ and the bias arm V3's $\gamma = 0.001$, so the comparison inherits both papers' settings, not a
+# tuned pair.
 
 # %%
 def smooth(v: np.ndarray, k: int = 10) -> np.ndarray:
@@ -1123,17 +1368,30 @@ for a in BALANCE_RACE:
           f"{' '.join(f'{v:.3f}' for v in final[a])})")
 
 # %% [markdown]
+# How to read it. MaxVio is bounded by $31/7 - 1 \approx 3.4$ here (one expert taking every token), so a curve near 1
+# means the busiest expert receives twice the mean load. Without balancing, a MaxVio that climbs early in training and
+# stays high is the self-reinforcing collapse of section 3. If the bias works, its curve should start with the others
+# and fall as the biases accumulate, since it needs some steps of $\gamma$ before it can move affinities of about 0.03.
+# The right panel is the trade-off both papers discuss: a balancing method is better only if its point lies lower
+# (better loss) at no worse MaxVio. With two seeds and a few hundred steps at `small` scale, read a difference in final
+# loss against the seed-to-seed noise before calling it a cost.
+#
 # ## 7. Specialisation: what breaks when experts are taken away
 #
 # **Redundancy.** DeepSeekMoE argues (section 4.5) that its experts are more specialised: each knows things the others
 # do not. Its test: disable each token's best routed experts, let the router pick the next best in their place, and
 # watch the loss. If experts are redundant, a stand-in does the job and the loss hardly moves; if they are specialised,
 # it rises. In the paper's figure, the loss of DeepSeekMoE rises faster than that of GShard×1.5 as the share of
-# disabled top experts grows. We disable the same share of routed experts in our two models (1 and 2 of GShard's 8,
-# 4 and 8 of DeepSeekMoE's 31) with the router's `disabled_top`.
+# disabled top experts grows. We disable about the same share of routed experts in our two models (1 and 2 of
+# GShard's 8, that is 12.5% and 25%; 4 and 8 of DeepSeekMoE's 31, about 13% and 26%) with the router's `disabled_top`.
+# The paper compares against GShard×1.5, a GShard with 1.5 times the expert parameters and computation; ours is the
+# plain GShard of section 5. Note what `disabled_top` does to GShard: with 1 disabled, each token keeps its second
+# expert and gets its third in place of its first; with 2, both of its experts are stand-ins.
 #
-# **The shared expert.** Disabling the shared expert of the 2B model raised its Pile loss from 1.808 to 2.414. We
-# switch ours off (`shared_disabled`) and measure the held-out loss.
+# **The shared expert.** DeepSeekMoE's test (section 4.5) disables the shared expert of the 2B model *and activates one
+# more routed expert*, so the computation stays the same; the Pile loss rises from 1.808 to 2.414. Our ablation is
+# simpler: `shared_disabled` only switches the shared expert off, so the model also loses an eighth of its activated
+# feed-forward width, and a rise in loss mixes the two effects. Exercise 5 runs the paper's version.
 
 # %%
 @torch.no_grad()
@@ -1178,13 +1436,25 @@ print("shared expert off: " + "; ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, a
                                           zip(EXP["seeds"], shared_on, shared_off)))
 
 # %% [markdown]
+# What to look for. On the left, a steeper rise for DeepSeekMoE than for GShard at the same share would match the
+# paper's reading that its experts are less interchangeable; the per-seed numbers printed below the plot say whether
+# that held on both seeds. On the right, the shared-expert ablation: any rise is the cost of losing the shared expert
+# *and* an eighth of the activated width, so it likely overstates what the shared expert alone contributes (exercise 5
+# separates the two).
+#
 # ### Where the tokens go
 #
 # Which experts does each kind of token visit? We route the held-out documents through the first seed's DeepSeekMoE
 # and count, for each kind of token (digits, the operators + - =, the tags, the reflection word " wait ", letters of the
 # worded solutions, and the rest), the share of its choices that lands on each expert. If experts specialise by kind,
-# the rows differ; a number for it is the mutual information between a choice's token kind and its expert, against the
-# same with the kinds shuffled.
+# the rows differ; a number for it is the mutual information between a choice's token kind $k$ and its expert $e$,
+#
+# $$I(k; e) = \sum_{k, e} p(k, e) \log \frac{p(k, e)}{p(k)\,p(e)},$$
+#
+# in nats, where $p(k, e)$ is the share of all (token, choice) pairs with kind $k$ and expert $e$. It is 0 when the
+# expert a token visits says nothing about its kind. Estimated from finitely many tokens it is never exactly 0, so we
+# compute it again with the kinds shuffled among the tokens: that value is what chance alone gives, and the real one
+# means something only well above it (the checks ask for three times). Padding is left out.
 
 # %%
 KIND_OF = {}
@@ -1244,10 +1514,16 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
+# A kind that routes to a few bright cells in its row has experts of its own; a row spread evenly over all 31 experts
+# has none. Digits are the kind to watch: in this world they carry the sums, which is the knowledge the feed-forward
+# layers must store.
+#
 # ## 8. Explore
 #
 # **Routes of one problem.** Pick a model, a layer and a held-out document: the heatmap shows, for each token, the
-# gating weight of every routed expert it chose.
+# gating weight of every routed expert it chose. Try the model without balancing first: a few rows lit across the whole
+# document are experts that take almost every token, the collapse that MaxVio counts. Then compare the same document
+# under the loss-free bias, and look at whether the digits of one problem share experts with each other.
 
 # %%
 explore_docs = world.validation()[:40]
@@ -1277,9 +1553,16 @@ explore(show_routes, model=["DeepSeekMoE", "GShard top-2", "DeepSeekMoE, no bala
 
 # %% [markdown]
 # **Replay balancing.** We record the router inputs of the first MoE layer of the model trained *without* balancing, on
-# the held-out documents, and replay balancing on them with the experts' centroids frozen: V3's bias, moved by
+# the held-out documents, and replay balancing on them with the experts' centroids frozen: the loss-free bias, moved by
 # $\pm\gamma$ after each step, against a per-expert offset of the logits trained by plain gradient descent (learning
 # rate 1) on the expert-level loss with weight $\alpha$. Each step routes the same tokens; the curves show MaxVio.
+#
+# The replay isolates the two control rules from everything else in training: the tokens and the centroids do not
+# change, so any fall in MaxVio is the rule's own doing. The bias has a fixed step and moves every expert off the mean
+# at once. The loss moves the offsets along its gradient, which through the softmax is, for expert $j$,
+# $\frac{\alpha}{T} \sum_t s_{j,t} \big(f_j - \sum_i f_i s_{i,t}\big)$: it shrinks as the loads approach balance. Slide
+# $\gamma$ up and watch whether the bias gets faster and, at some value, starts to jitter: a fixed step keeps pushing
+# every expert that is off the mean, so it can hover around balance instead of settling.
 
 # %%
 with torch.no_grad():
@@ -1340,7 +1623,11 @@ print(f"replay: MaxVio {replay_start:.2f} without balancing, {replay_bias_end:.2
 # `benchmarks/moe_dispatch.py` measures the layer at a DeepSeek-like shape (64 routed experts, top 6, width 256, expert
 # width 128, 4096 tokens) against a dense SwiGLU with the same activated computation and against transformers'
 # `DeepseekV3MoE`. Here a quick version of its first comparison, forward and backward, the fastest of three tries each
-# (timings on a shared machine move by tens of percent; the benchmark alternates its contenders over more rounds).
+# (timings on a shared machine can move by tens of percent; the benchmark alternates its contenders over more rounds).
+#
+# The dense SwiGLU of width $6 \times 128$ does the same multiply-adds per token as 6 experts of width 128, so a ratio
+# of 1 would mean the dispatch costs nothing. Above 1, the difference is the router, the sort, the gathers and the
+# smaller products of section 2. The ratio is a property of this machine and this PyTorch, not of the method.
 
 # %%
 def fastest(fn, tries: int = 3) -> float:
@@ -1369,7 +1656,11 @@ print("MoE layer time / dense SwiGLU of the same activated width: "
 # %% [markdown]
 # ## 9. Claims ledger
 #
-# What the papers claim next to what this chapter measured.
+# What the papers claim next to what this chapter measured. Each row's verdict comes from a rule written in the cell
+# (on every seed, with a margin where the row says "better"), not from reading the plots. A row that fails carries a
+# note on why the miniature may differ from the paper: most often, runs of a few hundred steps, where differences
+# between methods can be smaller than differences between seeds. The first and last rows are identities and checks of
+# the code, not experiments.
 
 # %%
 seeds_text = f"{len(EXP['seeds'])} seeds, {EXP['steps']} steps"
@@ -1400,7 +1691,7 @@ ledger.add("An MoE layer beats the dense FFN of the same activated size",
            f"best MoE minus dense (width 2W), final loss per seed: {', '.join(f'{v:+.3f}' for v in moe_vs_dense)}",
            moe_beats_dense, "" if moe_beats_dense else "not on every seed at this size and length of training")
 ledger.add("The shared expert carries knowledge the routed experts lack",
-           "disabling it: Pile loss 1.808 -> 2.414",
+           "disabling it and activating one more routed expert: Pile loss 1.808 -> 2.414 (ours: only disabled)",
            "held-out loss " + "; ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(shared_on, shared_off)),
            shared_matters, "" if shared_matters else f"the loss rose on every seed, but by "
            f"{(shared_off / shared_on - 1).min():.0%} at least, not the paper's 34%: with 1 of 8 active experts shared, "
@@ -1417,15 +1708,15 @@ ledger.add("Without balancing the routing collapses onto a few experts",
            f"{maxvio_late['DeepSeekMoE'].mean():.2f}, bias {maxvio_late['DeepSeekMoE, loss-free bias'].mean():.2f}",
            collapse, "" if collapse else "the imbalance without balancing was less than 1.5x the balanced runs'")
 ledger.add("The loss-free bias balances better than the auxiliary loss",
-           "lower MaxVio with gamma = 0.001 (V3, section 2.1.2)",
+           "lower MaxVio (Wang et al., arXiv 2408.15664; adopted by V3 with gamma = 0.001, section 2.1.2)",
            f"MaxVio bias {maxvio_late['DeepSeekMoE, loss-free bias'].mean():.2f} vs loss (alpha1 = {ALPHA1}) "
            f"{maxvio_late['DeepSeekMoE'].mean():.2f}; per seed "
            f"{' '.join(f'{v:.2f}' for v in maxvio_late['DeepSeekMoE, loss-free bias'])} vs "
            f"{' '.join(f'{v:.2f}' for v in maxvio_late['DeepSeekMoE'])}", bias_balances_better,
-           "" if bias_balances_better else "not better by 10% on every seed: here the bias and the loss balanced about "
-           "equally well (softmax gating, a few hundred steps); both far better than no balancing")
+           "" if bias_balances_better else "not better by 10% on every seed (softmax gating, a few hundred steps): "
+           "compare the two MaxVio values, and the no-balancing row above")
 ledger.add("... without the quality cost of the loss",
-           "better model quality than with the auxiliary loss (V3, section 2.1.2)",
+           "better model quality than with the auxiliary loss (Wang et al.; V3, sections 2.1.2 and 4.5.2)",
            f"final held-out loss bias {' '.join(f'{v:.3f}' for v in final['DeepSeekMoE, loss-free bias'])} vs loss "
            f"{' '.join(f'{v:.3f}' for v in final['DeepSeekMoE'])} (per seed); no balancing "
            f"{' '.join(f'{v:.3f}' for v in final['DeepSeekMoE, no balancing'])}", bias_no_worse,
@@ -1438,19 +1729,259 @@ ledger.show()
 saved_to = ledger.save()  # _build/ledger/02.json: `python -m dslib.book ledger` prints every chapter's rows
 
 # %% [markdown]
+# ## What you learned
+#
+# - An MoE layer decouples parameters from computation: $N$ experts stored, $K$ used per token. DeepSeekMoE splits the
+#   experts finer ($mN$ of width $1/m$, $mK$ active) and isolates shared experts that every token passes through.
+# - The router scores experts with softmax (GShard, DeepSeekMoE, V2) or sigmoid (V3), chooses with top-k, optionally
+#   within the best groups first (V2's devices, V3's nodes), and learns only through the gating weights of the
+#   experts it chose.
+# - A fast dispatch sorts (token, expert) pairs by expert so that each expert runs once on a contiguous block, and a
+#   hand-written backward can do the same arithmetic as autograd with fewer intermediates; a slow loop is the check.
+# - Routing left alone can collapse. DeepSeekMoE and V2 add balance losses $\alpha \sum_i f_i P_i$ at the expert and
+#   device level; the auxiliary-loss-free bias of Wang et al., adopted by V3, steers only the choice, by
+#   $\pm\gamma$ per step, and V3 keeps a tiny sequence-wise loss beside it. MaxVio measures the result.
+# - How to read a toy reproduction: equal activated and total parameters by construction, every ordering checked on
+#   every seed, and a claims ledger that says where the miniature agrees with the papers and where it cannot tell.
+#
+# **Next.** Chapter 03 turns to the other half of a DeepSeek block, attention: Multi-head Latent Attention (MLA), V2's
+# way to shrink the KV cache by caching, per token, one compressed latent and one small rotary key instead of every
+# head's keys and values. Chapter 04 then puts MLA and this chapter's `MoE` together, with multi-token prediction, into
+# a small DeepSeek-V3.
+#
 # ## Exercises
 #
-# 1. **Granularity.** Rerun section 5 with $m = 2$ (16 experts of $W/2$, 1 shared + 15 routed, top 3) and $m = 8$.
-#    Plot the final loss against $m$. Where does the extra combinatorial freedom stop paying at this size?
-# 2. **V3's gating.** Repeat the balancing race with `scoring_func="sigmoid"` and `norm_topk_prob=True`. Sigmoid
+# Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project). Run them after the whole chapter: several
+# reuse its names (`ARMS`, `train_arm`, `runs`, `base`, `fine`, `softmax_gating`, `valid`), and some add entries to
+# `ARMS` and `runs`.
+#
+# 1. ★★ **Granularity.** Rerun section 5's DeepSeekMoE with $m = 2$ (16 experts of $W/2$: 1 shared + 15 routed, top 3)
+#    and $m = 8$ (64 of $W/8$: 1 shared + 63 routed, top 15), at the same total and activated parameters. Plot the
+#    final loss against $m$. Where does the extra combinatorial freedom stop paying at this size?
+#
+#    <details><summary>Hint</summary>With $m$, there are $8m$ experts of width $W/m$, one of them shared, and $2m$
+#    active. Add a maker to `ARMS` and call `train_arm(arm, seed)` for each seed.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    for m in (2, 8):
+#        arm = f"DeepSeekMoE, m = {m}"
+#        ARMS[arm] = lambda m=m: MoETransformer(MoETransformerConfig(
+#            **base, **softmax_gating, moe_intermediate_size=W // m, n_routed_experts=8 * m - 1,
+#            num_experts_per_tok=2 * m - 1, n_shared_experts=1, aux_loss_alpha=ALPHA1))
+#        for s in EXP["seeds"]:
+#            runs[(arm, s)] = train_arm(arm, s)
+#    grain = {m: [runs[(a, s)]["history"]["eval_loss"][-1] for s in EXP["seeds"]]
+#             for m, a in ((2, "DeepSeekMoE, m = 2"), (4, "DeepSeekMoE"), (8, "DeepSeekMoE, m = 8"))}
+#    for m, v in grain.items():
+#        plt.scatter([m] * len(v), v)
+#    plt.xscale("log", base=2); plt.xlabel("m"); plt.ylabel("final held-out loss"); plt.show()
+#    ```
+#    The `m=m` default freezes each maker's $m$ (a plain closure would see the last one). GShard top-2 is the $m = 1$
+#    end without a shared expert. At `small` scale $W/8$ is 8 hidden units: if $m = 8$ ends no better than $m = 4$ on
+#    both seeds, the experts have become too narrow to hold a useful piece each, or the runs too short to train 63 of
+#    them, since each expert sees about $15/63$ of the tokens. Read the seeds' spread before the trend.
+#    </details>
+#
+# 2. ★★ **V3's gating.** Repeat the balancing race with `scoring_func="sigmoid"` and `norm_topk_prob=True`. Sigmoid
 #    affinities lie around 0.5, not $1/E$: what $\gamma$ does the bias need now?
-# 3. **Device-limited routing.** Give DeepSeekMoE `n_group=4, topk_group=2` (V2's M = 2 of 4 devices) and a device-level
-#    loss (`n_devices=4, device_loss_alpha=0.05`). How much does limiting the groups cost in loss? Measure the load per
-#    device as well as per expert.
-# 4. **The sequence-wise loss.** Pack rows that hold a single kind of document (only worded solutions, say) and measure
-#    MaxVio inside each row with and without `seq_aux_alpha=0.0001`. When does V3 need it?
-# 5. **Load a checkpoint.** Write `from_hf(state_dict)` that turns transformers' `DeepseekV3MoE` weights (fused
-#    `gate_up_proj`) into an `MoE`'s, and per-expert `experts.{i}.gate_proj.weight` tensors into stacked ones.
+#
+#    <details><summary>Hint</summary>`train_arm` moves the bias only for the arm named "DeepSeekMoE, loss-free bias",
+#    and it reads the global `GAMMA` at every step. Swap that arm's maker for a sigmoid one, and try two values of
+#    `GAMMA`. For the size of $\gamma$, compare how far apart two experts' affinities are for the same gap in
+#    logits.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    sigmoid_gating = dict(scoring_func="sigmoid", norm_topk_prob=True)
+#    saved = dict(ARMS)
+#    ARMS["DeepSeekMoE, no balancing"] = lambda: MoETransformer(MoETransformerConfig(**base, **sigmoid_gating, **fine))
+#    ARMS["DeepSeekMoE, loss-free bias"] = ARMS["DeepSeekMoE, no balancing"]
+#    none = [train_arm("DeepSeekMoE, no balancing", s)["maxvio"][half:].mean() for s in EXP["seeds"]]
+#    biased = {}
+#    for GAMMA in (1e-3, 1e-2):  # a module-level loop: it sets the global that train_arm reads
+#        biased[GAMMA] = [train_arm("DeepSeekMoE, loss-free bias", s)["maxvio"][half:].mean() for s in EXP["seeds"]]
+#    ARMS.update(saved)
+#    GAMMA = 1e-3
+#    print("no balancing", none, "bias", biased)
+#    ```
+#    Near initialisation the logits are small. A logit gap $\delta$ becomes a softmax gap of about $\delta / E$ (the
+#    softmax's slope is about $p \approx 1/E$) but a sigmoid gap of about $\delta / 4$ ($\sigma'(0) = 1/4$). With
+#    $E = 31$ the sigmoid gaps are about 8 times wider, so for the bias to move tokens as fast, expect it to need a
+#    $\gamma$ about 8 times larger, near 0.01. If `biased[1e-3]` stays close to `none` and `biased[1e-2]` does not, that
+#    is the reason. V3's own $\gamma = 0.001$ comes with far longer training, where a small step has time to add up.
+#    </details>
+#
+# 3. ★★ **Device-limited routing.** Split the experts into 4 groups, keep the best 2 per token (V2's $M = 2$ of 4
+#    devices) and add a device-level loss (`n_devices=4, device_loss_alpha=0.05`). How much does limiting the groups
+#    cost in loss? Measure the load per device as well as per expert.
+#
+#    <details><summary>Hint</summary>Section 5's 31 routed experts cannot be split into 4 groups (`MoEConfig` raises:
+#    `n_group` must divide `n_routed_experts`). Use 32 routed experts of $W/4$, top 8 and no shared expert: the same
+#    total and activated parameters. A device's load is the sum of its experts' loads, `load.view(4, -1).sum(1)`.
+#    </details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    flat32 = dict(moe_intermediate_size=W // 4, n_routed_experts=32, num_experts_per_tok=8, n_shared_experts=0,
+#                  aux_loss_alpha=ALPHA1, n_devices=4, device_loss_alpha=0.05)
+#    ARMS["32 routed"] = lambda: MoETransformer(MoETransformerConfig(**base, **softmax_gating, **flat32))
+#    ARMS["32 routed, 2 of 4 groups"] = lambda: MoETransformer(MoETransformerConfig(
+#        **base, **softmax_gating, **flat32, n_group=4, topk_group=2))
+#    b = valid[0]
+#    for arm in ("32 routed", "32 routed, 2 of 4 groups"):
+#        run = train_arm(arm, 0)
+#        with torch.no_grad():
+#            run["model"](b["input_ids"], positions=b["positions"], segments=b["segments"])
+#        layer = moe_layers(run["model"])[0]
+#        load = expert_load(layer.routing.indices[(b["segments"] > 0).reshape(-1)], 32)
+#        print(f"{arm:<26} final loss {run['history']['eval_loss'][-1]:.3f}, MaxVio per expert "
+#              f"{max_violation(load):.2f}, per device {max_violation(load.view(4, -1).sum(1)):.2f}")
+#    ```
+#    Both arms carry the same losses, so they differ only in the group limit. The device-level MaxVio should be well
+#    below the expert-level one, since a device sums 8 experts' loads: that is why V2 can afford a device-level loss
+#    that lets experts within a device stay unbalanced. V2 reports that $M \ge 3$ of 8 devices is about as good as
+#    no limit; with 2 of 4 groups each token can still reach half the experts, so a cost within the seed-to-seed
+#    noise would agree with it.
+#    </details>
+#
+# 4. ★★ **The sequence-wise loss.** Pack rows that hold a single kind of document (only worded solutions, say) and
+#    measure MaxVio inside each row with and without `seq_aux_alpha=0.0001`. When does V3 need it?
+#
+#    <details><summary>Hint</summary>`Document.language` is "en" for a solution reasoned in words. Reshape a layer's
+#    `routing.indices` to (rows, t, k) and compute `max_violation(expert_load(...))` per row, on the tokens whose
+#    `segments` are above 0.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    en_rows = PackedData([d.text for d in world.corpus() if d.language == "en"], tok, SEQ_LEN, 16).all_batches()[:8]
+#
+#    @torch.no_grad()
+#    def row_maxvio(model, batches) -> float:
+#        """The mean over rows of the MaxVio inside each row (real tokens only), first MoE layer."""
+#        layer, out = moe_layers(model)[0], []
+#        for b in batches:
+#            model(b["input_ids"], positions=b["positions"], segments=b["segments"])
+#            idx = layer.routing.indices.view(*b["input_ids"].shape, -1)  # (rows, t, k)
+#            for row, seg in zip(idx, b["segments"]):
+#                out.append(max_violation(expert_load(row[seg > 0], layer.config.n_routed_experts)))
+#        return float(np.mean(out))
+#
+#    saved = dict(ARMS)
+#    ARMS["DeepSeekMoE, loss-free bias"] = lambda: MoETransformer(MoETransformerConfig(
+#        **base, **softmax_gating, **fine, seq_aux_alpha=1e-4))
+#    with_seq = train_arm("DeepSeekMoE, loss-free bias", EXP["seeds"][0])["model"]
+#    ARMS.update(saved)
+#    without = runs[("DeepSeekMoE, loss-free bias", EXP["seeds"][0])]["model"]
+#    for name, rows in (("mixed rows", valid[:8]), ("worded rows", en_rows)):
+#        print(f"{name:<12} MaxVio inside a row: without {row_maxvio(without, rows):.2f}, "
+#              f"with {row_maxvio(with_seq, rows):.2f}")
+#    ```
+#    A row of 96 tokens gives each of 31 experts about 22 choices on average, so even a random routing has a MaxVio
+#    well above 0 inside a row: compare the two rows of the printout with each other, not with 0. The bias balances
+#    the whole batch, so a batch can be balanced while a row of one kind piles onto a few experts; that is what
+#    worded rows should show if experts specialise by kind. V3 keeps the loss as a guard against that *extreme*
+#    case, with $\alpha = 10^{-4}$ so small that it barely constrains normal training; its section 4.5.3 argues that
+#    balancing per batch rather than per sequence is what leaves experts free to specialise by domain. Expect a
+#    small effect in so short a run.
+#    </details>
+#
+# 5. ★★ **The paper's shared-expert ablation.** DeepSeekMoE disables the shared expert *and activates one more routed
+#    expert*, so the computation stays the same. Measure that on section 5's DeepSeekMoE and compare it with section
+#    7's `shared_on` and `shared_off`.
+#
+#    <details><summary>Hint</summary>The router reads $K_r$ from its layer's config at every forward, so
+#    `layer.config.num_experts_per_tok += 1` activates one more routed expert; undo it afterwards, as `loss_with`
+#    does.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    @torch.no_grad()
+#    def loss_shared_swapped(model) -> float:
+#        """Held-out loss with the shared expert off and one more routed expert on (DeepSeekMoE, section 4.5)."""
+#        layers = moe_layers(model)
+#        for l in layers:
+#            l.shared_disabled = True
+#            l.config.num_experts_per_tok += 1
+#        try:
+#            return evaluate_loss(model, valid)
+#        finally:
+#            for l in layers:
+#                l.shared_disabled = False
+#                l.config.num_experts_per_tok -= 1
+#
+#    swapped = np.array([loss_shared_swapped(runs[("DeepSeekMoE", s)]["model"]) for s in EXP["seeds"]])
+#    print("shared on", shared_on, "off", shared_off, "off + one more routed", swapped)
+#    ```
+#    `swapped` restores the activated width that `shared_off` took away, so `shared_off - swapped` is the part of
+#    section 7's rise due to the lost width, and `swapped - shared_on` the part due to the shared expert itself. If
+#    `swapped` stays clearly above `shared_on` on every seed, the routed experts cannot stand in for the shared one,
+#    which is the paper's reading of its 1.808 to 2.414.
+#    </details>
+#
+# 6. ★ **The router's gradient through the dispatch.** Section 2's check compares the gradients of the two dispatches
+#    for the expert weights only. Extend it to the gradients of the input and of the router's centroids, which the
+#    grouped path computes with `g_x` and `g_weight`.
+#
+#    <details><summary>Hint</summary>Let the router run inside the graph (no `torch.no_grad`), so that the gating
+#    weights carry a gradient back to `router.weight`. Skip the grouped path where `F.grouped_mm` is missing.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    torch.manual_seed(0)
+#    probe_cfg = MoEConfig(d_model=24, moe_intermediate_size=12, n_routed_experts=10, num_experts_per_tok=3,
+#                          init_std=0.3)
+#    probe_router, probe_experts = Router(probe_cfg), Experts(probe_cfg)
+#    probe_x = torch.randn(80, 24, requires_grad=True)
+#    probe = {}
+#    for mode in ("loop", "grouped"):
+#        probe_experts.dispatch = mode
+#        probe_x.grad = probe_router.weight.grad = None
+#        r6 = probe_router(probe_x)
+#        (probe_experts(probe_x, r6.indices, r6.weights) * torch.linspace(-1, 1, 24)).sum().backward()
+#        probe[mode] = (probe_x.grad.clone(), probe_router.weight.grad.clone())
+#    print([(a - b).abs().max().item() for a, b in zip(probe["loop"], probe["grouped"])])
+#    ```
+#    Both differences should be at float32 rounding, below the $10^{-5}$ of the chapter's other checks. This is the
+#    check that matters for training: a wrong `g_weight` would leave outputs and expert gradients exact while teaching
+#    the router the wrong choices, a bug that would show only as a worse model.
+#    </details>
+#
+# 7. ★★★ **Load a checkpoint.** Write `from_hf(moe, state_dict)` that copies transformers' `DeepseekV3MoE` weights
+#    into an `MoE`: the fused `gate_up_proj` of recent releases, and the per-expert `experts.{i}.gate_proj.weight`
+#    tensors of older ones and of DeepSeek's own checkpoints.
+#
+#    <details><summary>Hint</summary>Section 2's comparison with transformers builds the fused tensor as
+#    `torch.cat([gate_proj, up_proj], dim=1)`: undo that with a slice at `moe_intermediate_size`. Per-expert weights
+#    are `nn.Linear` weights, (I, d) for gate and up and (d, I) for down, so `torch.stack` over the experts gives our
+#    shapes. The shared experts' names already match.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    def from_hf(moe: MoE, state: dict[str, torch.Tensor]) -> MoE:
+#        """Copy a DeepseekV3MoE state dict, with fused or per-expert experts, into moe."""
+#        i, n = moe.config.moe_intermediate_size, moe.config.n_routed_experts
+#        if "experts.gate_up_proj" in state:  # (E, 2I, d), gate first
+#            gate, up = state["experts.gate_up_proj"][:, :i], state["experts.gate_up_proj"][:, i:]
+#            down = state["experts.down_proj"]
+#        else:
+#            gate, up, down = (torch.stack([state[f"experts.{e}.{name}.weight"] for e in range(n)])
+#                              for name in ("gate_proj", "up_proj", "down_proj"))
+#        moe.load_state_dict({"gate.weight": state["gate.weight"],
+#                             "gate.e_score_correction_bias": state["gate.e_score_correction_bias"],
+#                             "experts.gate_proj": gate, "experts.up_proj": up, "experts.down_proj": down,
+#                             **{k: v for k, v in state.items() if k.startswith("shared_experts.")}}, strict=True)
+#        return moe
+#
+#    if hf_errors:  # transformers is installed: `hf` and `ours` exist
+#        probe_in = torch.randn(3, 7, 32)
+#        with torch.no_grad():
+#            print((from_hf(MoE(v3_like), hf.state_dict())(probe_in) - hf(probe_in)).abs().max().item())
+#    ```
+#    `strict=True` makes a missing or misnamed tensor an error instead of a silently random expert. For the
+#    per-expert layout, build a test dictionary from `ours` (`experts.{e}.gate_proj.weight` set to
+#    `ours.experts.gate_proj[e]`, and so on) and check that `from_hf` gives back `ours`' output.
+#    </details>
 #
 # ## Checks
 #

@@ -34,6 +34,16 @@
 # 5. the cache of the real models, DeepSeek-V2 and V3 against DeepSeek 67B and LLaMA-2-70B, and where the paper's
 #    "93.3% smaller" comes from (section 5).
 #
+# **Why it matters for DeepSeek.** Every attention layer of DeepSeek-V2 (60 of them) and of DeepSeek-V3 (61) is MLA.
+# Both models accept contexts of 128k tokens, and MLA is what keeps the cache of such a context small enough to hold
+# many sequences on one GPU. Chapter 04 builds its DeepSeek-V3-mini from `dslib.mla`'s `MLA` and `MLACache` as they
+# are written here.
+#
+# **What you need.** Chapter 00: the DeepSeek LLM transformer (`dslib.transformer`: RMSNorm, SwiGLU, RoPE, grouped-query
+# attention and its `KVCache`), the arithmetic world and the `Trainer`. A little linear algebra: a product of matrices
+# can be grouped either way, $(AB)C = A(BC)$, and the rank of $AB$ is at most the inner dimension. **How long.** The
+# chapter is sized to run in under 3 minutes at `small` scale on 2 CPU cores.
+#
 # **Papers.** DeepSeek-V2 (arXiv 2405.04434), section 2.1 (MLA) and Appendix C (its full formulas); Appendix D (the
 # ablations of the attention kinds). Names follow DeepSeek-V3's reference code (`inference/model.py`), so that you can
 # hold `dslib.mla` next to it.
@@ -83,21 +93,34 @@ CHAPTER_START = time.time()
 # ## 1. The problem: the KV cache
 #
 # A decoder generates one token at a time. To produce token $t$, every layer needs the keys and values of all tokens
-# before it, and since they never change, an inference engine keeps them: the **KV cache**. With multi-head attention
-# (MHA), each layer stores a key and a value of $d_h$ numbers for each of its $n_h$ heads, so $2 n_h d_h$ numbers per
-# token per layer. Two things follow.
+# before it, and since they never change, an inference engine keeps them: the **KV cache**. Standard multi-head
+# attention (MHA), as V2 writes it in section 2.1.1 (eqs. 1-8), maps the hidden state $h_t \in \mathbb R^d$ of token $t$
+# to a query, a key and a value of $n_h d_h$ numbers each, cuts them into $n_h$ heads of $d_h$, and lets head $i$ of
+# token $t$ average the values of tokens $j \le t$:
+#
+# $$q_t = W^Q h_t,\quad k_t = W^K h_t,\quad v_t = W^V h_t,\qquad
+#   o_{t,i} = \sum_{j \le t} \mathrm{softmax}_j\Big(\frac{q_{t,i}^\top k_{j,i}}{\sqrt{d_h}}\Big)\, v_{j,i},\qquad
+#   u_t = W^O [o_{t,1}; \dots; o_{t,n_h}].$$
+#
+# Causality is why a cache works: $k_j$ and $v_j$ depend only on token $j$ and the tokens before it, so they are the
+# same at every later step. Each layer stores a key and a value of $d_h$ numbers for each of its $n_h$ heads, so
+# $2 n_h d_h$ numbers per token per layer; chapter 00's `KVCache` holds them as two tensors of shape
+# `(b, n_kv_head, max_len, head_dim)` per layer. Two things follow.
 #
 # - **Memory.** The cache grows with the context and the batch. DeepSeek 67B (95 layers, 8 key-value heads of 128)
 #   keeps 194,560 numbers per token: 380 KiB in BF16, so about 12 GiB for one sequence of 32k tokens. The cache, not the
 #   weights, decides how many sequences fit on a GPU at once, and so the throughput.
-# - **Time.** Every decoding step reads the whole cache once and does little arithmetic with it. Decoding is bound by
-#   memory bandwidth, and a smaller cache is a faster step.
+# - **Time.** Every decoding step reads the whole cache once and does little arithmetic with it. On a GPU, decoding is
+#   usually bound by memory bandwidth, and there a smaller cache is a faster step (section 4 looks at when that holds).
 #
 # Grouped-query attention (GQA) lets $n_h / n_g$ query heads share one key-value head, and multi-query attention (MQA)
-# shares a single one among all heads. Both shrink the cache, and both cost quality: V2's Appendix D.1 trains 7B dense
-# models with the three kinds (same data, parameters matched by the number of layers) and finds MHA clearly ahead of
-# GQA and MQA on hard benchmarks. DeepSeek-V2 proposes a fourth kind, **Multi-head Latent Attention (MLA)**, and sums up
-# the trade-off in its Table 1 (section 2.1.4):
+# shares a single one among all heads. In the formula above, GQA replaces $k_{j,i}$ and $v_{j,i}$ by
+# $k_{j,g(i)}$ and $v_{j,g(i)}$, where $g(i) = \lfloor i\, n_g / n_h \rfloor$ is the group of head $i$; MQA is the case
+# $n_g = 1$, MHA the case $n_g = n_h$. The queries keep all $n_h$ heads, so the layer still computes $n_h$ different
+# attention patterns; what it loses is the number of different keys and values they can look at. Both shrink the
+# cache, and both cost quality: V2's Appendix D.1 trains 7B dense models with the three kinds (same data, parameters
+# matched by the number of layers) and finds MHA clearly ahead of GQA and MQA on hard benchmarks. DeepSeek-V2 proposes
+# a fourth kind, **Multi-head Latent Attention (MLA)**, and sums up the trade-off in its Table 1 (section 2.1.4):
 #
 # | attention | KV cache per token | capability (the paper's words) |
 # |---|---|---|
@@ -186,7 +209,11 @@ def kv_cache_bytes(kind: str, *, n_layer: int = 1, tokens: int = 1, batch_size: 
 # %% [markdown]
 # Checked against the paper's own numbers: DeepSeek-V2 and V3 have $n_h = d_h = 128$, $d_c = 512$ and $d_h^R = 64$,
 # so MLA caches 576 numbers per token per layer where MHA of the same shape would cache 32,768; and that is GQA with
-# $576 / (2 \cdot 128) = 2.25$ groups.
+# $576 / (2 \cdot 128) = 2.25$ groups. The same cell recomputes the DeepSeek 67B figures quoted above (380 KiB per
+# token, about 12 GiB for 32k tokens) from the GQA formula. These are identities of arithmetic, so the asserts are
+# exact. The last lines feed the function bad shapes: each kind asks only for the arguments its formula reads, and a
+# missing or non-positive one is an error that names it, not a silent default that would make a wrong table look
+# right.
 
 # %%
 V2 = dict(n_head=128, head_dim=128, kv_lora_rank=512, qk_rope_head_dim=64)
@@ -247,9 +274,22 @@ cache_picture()
 # ## 2. Multi-head Latent Attention, equation by equation
 #
 # MLA replaces the per-head keys and values by one **latent vector** per token, $c^{KV}_t$ of $d_c$ numbers, from which
-# every head's key and value are re-created by up-projections. Queries get the same treatment (to save activation
-# memory in training; it does not touch the cache). For a hidden state $h_t \in \mathbb R^d$ (V2, sections 2.1.2-2.1.3
-# and Appendix C):
+# every head's key and value are re-created by up-projections. V2 calls this *low-rank key-value joint compression*
+# (section 2.1.2, eqs. 9-11):
+#
+# $$c^{KV}_t = W^{DKV} h_t,\qquad k^C_t = W^{UK} c^{KV}_t,\qquad v^C_t = W^{UV} c^{KV}_t,$$
+#
+# with a down-projection $W^{DKV} \in \mathbb R^{d_c \times d}$ and up-projections
+# $W^{UK}, W^{UV} \in \mathbb R^{n_h d_h \times d_c}$, and $d_c \ll n_h d_h$ (V2: 512 against 16,384). Read it as a
+# constraint on MHA: the key projection is now $W^K = W^{UK} W^{DKV}$, a product whose rank is at most $d_c$, and the
+# value projection $W^V = W^{UV} W^{DKV}$ shares the same right factor. *Low-rank* is that bound; *joint* is the shared
+# $W^{DKV}$: keys and values of all heads are read out of one $d_c$-dimensional summary of the token. Keeping both
+# factors, instead of multiplying them out, is what saves the cache: store $c^{KV}_t$, and any head's key and value can
+# be rebuilt from it.
+#
+# Queries get the same treatment (eqs. 12-13, to save activation memory in training; it does not touch the cache), and
+# position enters through extra, decoupled dimensions (section 2.1.3, eqs. 14-19; the next paragraphs say why). The
+# whole layer, for a hidden state $h_t \in \mathbb R^d$ (V2, sections 2.1.2-2.1.3 and Appendix C):
 #
 # $$c^{Q}_t = W^{DQ} h_t,\qquad q^{C}_t = W^{UQ} c^{Q}_t,\qquad q^{R}_t = \mathrm{RoPE}(W^{QR} c^{Q}_t)$$
 # $$\boxed{c^{KV}_t = W^{DKV} h_t},\qquad k^{C}_t = W^{UK} c^{KV}_t,\qquad v^{C}_t = W^{UV} c^{KV}_t,
@@ -261,25 +301,53 @@ cache_picture()
 # Only the boxed vectors are cached: $d_c + d_h^R$ numbers per token per layer. The paper also puts an RMSNorm on each
 # latent, $c^Q_t$ and $c^{KV}_t$ (section 3.1.2), as the reference code does.
 #
-# **Why the decoupled RoPE key.** RoPE rotates a query and a key by angles that depend on their positions. Had MLA
-# rotated $k^C_j = W^{UK} c^{KV}_j$ directly, a score would read $q^{C\top}_{t,i} R_{t-j} W^{UK}_i c^{KV}_j$: the
-# rotation sits between the query and $W^{UK}$ and changes with every pair $(t, j)$, so $W^{UK}$ could no longer be
-# folded into the query once for all keys (next paragraph). So MLA leaves $k^C$ unrotated and carries position in a
-# few extra dimensions, a query part $q^R_{t,i}$ per head and **one** key part $k^R_t$ of $d_h^R$ numbers shared by all
-# heads (one per head would multiply the cache by $n_h$ again).
+# **Why the decoupled RoPE key.** RoPE (chapter 00) rotates each pair of a query's and a key's features by an angle
+# proportional to the token's position: $\mathrm{RoPE}_t(x) = R_t x$ with $R_t$ a block-diagonal rotation. Rotations
+# are orthogonal and compose, $R_t^\top R_j = R_{j-t}$, so a score sees only the offset between the two tokens:
 #
-# **Weight absorption.** Since $k^C$ and $v^C$ are linear in $c^{KV}$, a head's score and output can be computed
-# without ever making them:
+# $$(R_t q)^\top (R_j k) = q^\top R_{j-t}\, k.$$
 #
-# $$q_{t,i}^\top k_{j,i} = \underbrace{(W^{UK\top}_i q^{C}_{t,i})^\top}_{\text{a query in the latent space}} c^{KV}_j
-#   + q^{R\top}_{t,i} k^{R}_j,\qquad
-#   o_{t,i} = W^{UV}_i \Big(\sum_j p_{t,j,i}\, c^{KV}_j\Big).$$
+# Now suppose MLA had rotated the decompressed key $k^C_{j,i} = W^{UK}_i c^{KV}_j$ and the query
+# $q^C_{t,i} = W^{UQ}_i c^Q_t$ directly. A score would read
+#
+# $$q_{t,i}^\top k_{j,i} = c^{Q\top}_t \big(W^{UQ\top}_i\, R_{j-t}\, W^{UK}_i\big)\, c^{KV}_j .$$
+#
+# The matrix in brackets changes with the offset $j - t$: the rotation sits between $W^{UQ}_i$ and $W^{UK}_i$, and
+# matrix products do not commute, so $W^{UK}_i$ can no longer be moved onto the query side once for all cached tokens
+# (next paragraph). Decoding would have to decompress every cached key at every step. So MLA leaves $k^C$ and $q^C$
+# unrotated and carries position in a few extra dimensions (eqs. 14-17): a query part $q^R_{t,i}$ per head and **one**
+# key part $k^R_t$ of $d_h^R$ numbers shared by all heads. The score splits into a position-free part and a RoPE part:
+#
+# $$q_{t,i}^\top k_{j,i} = q^{C\top}_{t,i}\, k^C_{j,i} + q^{R\top}_{t,i}\, k^R_j .$$
+#
+# Only the second term sees positions, and it involves no up-projection. One RoPE key per head would multiply that part
+# of the cache by $n_h$ (at V2's shape, $128 \cdot 64 = 8{,}192$ numbers instead of 64, more than the 576 of the whole
+# MLA cache). The softmax scale becomes $1/\sqrt{d_h + d_h^R}$ because queries and keys are now $d_h + d_h^R$ wide.
+#
+# **Weight absorption, an identity of matrix products.** Since $k^C$ and $v^C$ are linear in $c^{KV}$, a head's score
+# and output can be computed without ever making them. Regroup the products (associativity, then linearity of the sum):
+#
+# $$q^{C\top}_{t,i}\, k^C_{j,i} = q^{C\top}_{t,i} \big(W^{UK}_i c^{KV}_j\big)
+#   = \underbrace{\big(W^{UK\top}_i q^{C}_{t,i}\big)^\top}_{\text{a query in the latent space}} c^{KV}_j,\qquad
+#   o_{t,i} = \sum_j p_{t,j,i}\, W^{UV}_i c^{KV}_j = W^{UV}_i \Big(\sum_j p_{t,j,i}\, c^{KV}_j\Big),$$
+#
+# where $p_{t,j,i}$ are head $i$'s softmax weights. Nothing is approximated: the two sides are equal for any weights,
+# and in floating point they differ only by rounding. What changes is the cost. On the left, every cached token $j$ is
+# multiplied by $W^{UK}_i$ and $W^{UV}_i$ at every step, $d_c (d_h + d_h^v)$ multiply-adds per head, a cost that grows
+# with the context. On the right, the query is multiplied by $W^{UK\top}_i$ once per step ($d_h d_c$ per head, whatever
+# the context) and the weighted sum of latents by $W^{UV}_i$ once per step; the cached tokens are only read.
 #
 # $W^{UK}$ joins the query side and $W^{UV}$ the output side. (Section 2.1.2 says $W^{UK}$ can be absorbed into $W^Q$,
 # written $W^{UQ}$ in Appendix C, and $W^{UV}$ into $W^O$, so that keys and values need never be computed during
-# inference.) Decoding then attends directly to the cached latents: it is multi-query attention in which every
-# head shares one key $[c^{KV}_j; k^R_j]$ of $d_c + d_h^R$ numbers and one value $c^{KV}_j$ of $d_c$ numbers. That is
-# the `absorb` path of DeepSeek's reference code, and what fast MLA kernels compute.
+# inference.) One could go further and store the products $W^{UQ\top}_i W^{UK}_i$ and $W^O_i W^{UV}_i$ as single
+# matrices; the reference code does not, and neither does `dslib.mla`: it applies $W^{UK}_i$ and $W^{UV}_i$ in turn,
+# which keeps one set of weights for training and decoding (and at V2's shape each merged matrix would hold more
+# numbers than its two factors together: $W^{UQ\top}_i W^{UK}_i$ is $d'_c \times d_c = 1536 \times 512$ per head,
+# against $128 \cdot (1536 + 512)$ for the factors). Decoding then attends directly
+# to the cached latents: it is multi-query attention in which every head shares one key $[c^{KV}_j; k^R_j]$ of
+# $d_c + d_h^R$ numbers and one value $c^{KV}_j$ of $d_c$ numbers. That is the `absorb` path of DeepSeek's reference
+# code, and what fast MLA kernels compute. In shapes: the latent query is `(b, h, t, d_c)`, the cache `(b, s, d_c)`,
+# the scores `(b, h, t, s)`, the attended latent `(b, h, t, d_c)`, and $W^{UV}$ brings it back to `(b, h, t, d_v)`.
 #
 # **The names.** dslib uses DeepSeek-V3's reference names. The reference code stacks some of the paper's matrices:
 #
@@ -293,6 +361,47 @@ cache_picture()
 #
 # with `qk_rope_head_dim` $= d_h^R$. The paper uses one $d_h$ for keys and values; the code allows a separate value
 # width. The configuration validates itself.
+
+# %% [markdown]
+# The same equations as a data-flow picture. The two quantities outlined in bold (boxed in the equations), $c^{KV}_t$
+# and $k^R_t$, are all that the cache keeps; everything else is recomputed from them, or, on the absorbed path of the
+# next sections, never formed at all.
+
+# %%
+from dslib.diagram import Diagram
+
+
+def draw_mla():
+    """MLA's data flow (V2, section 2.1 and Appendix C), with what the cache keeps outlined in bold."""
+    d = Diagram(13.6, 4.8, "Multi-head Latent Attention: what is computed, and what is cached (bold)")
+    d.box(0.1, 2.0, 1.0, 1.0, "h_t\n(d)", "baseline")
+    # queries
+    d.box(1.6, 3.7, 1.4, 0.8, "c^Q = W^DQ h_t\n(d'_c)", "stage")
+    d.box(3.5, 3.95, 2.1, 0.6, "q^C = W^UQ c^Q  (n_h x d_h)", "stage", fontsize=7.5)
+    d.box(3.5, 3.2, 2.1, 0.6, "q^R = RoPE(W^QR c^Q)  (n_h x d^R_h)", "stage", fontsize=7.5)
+    # keys and values from the latent
+    d.box(1.6, 2.05, 1.7, 0.9, "c^KV = W^DKV h_t\n(d_c): cached", "measure", bold=True)
+    d.box(3.8, 2.4, 1.8, 0.55, "k^C = W^UK c^KV", "stage", fontsize=7.5)
+    d.box(3.8, 1.75, 1.8, 0.55, "v^C = W^UV c^KV", "stage", fontsize=7.5)
+    # decoupled RoPE key
+    d.box(1.6, 0.4, 1.7, 0.9, "k^R = RoPE(W^KR h_t)\n(d^R_h): cached,\none for all heads", "measure", fontsize=7.5,
+          bold=True)
+    # attention
+    d.box(6.4, 1.6, 3.2, 2.2, "per head i:\nq = [q^C_i; q^R_i], k = [k^C_i; k^R]\n\nsoftmax(q . k / sqrt(d_h + d^R_h))\n"
+          "weights the values v^C_i", "stage")
+    d.box(10.2, 2.2, 1.5, 1.0, "u_t = W^O [o_1; ...; o_n_h]", "measure", fontsize=7.5)
+    for x0, y0, x1, y1 in ((1.1, 2.8, 1.6, 4.1), (1.1, 2.5, 1.6, 2.5), (1.1, 2.2, 1.6, 0.85), (3.0, 4.25, 3.5, 4.25),
+                           (3.0, 3.9, 3.5, 3.5), (3.3, 2.65, 3.8, 2.65), (3.3, 2.3, 3.8, 2.0), (5.6, 4.2, 6.4, 3.5),
+                           (5.6, 3.5, 6.4, 3.2), (5.6, 2.65, 6.4, 2.75), (5.6, 2.0, 6.4, 2.2), (3.3, 0.85, 6.4, 1.8),
+                           (9.6, 2.7, 10.2, 2.7)):
+        d.arrow(x0, y0, x1, y1)
+    d.box(6.4, 0.15, 7.1, 1.0, "absorbed path (decoding): W^UK folds into the query and W^UV into W^O, so each step\n"
+          "attends to the cached c^KV directly and never rebuilds k^C or v^C (an identity of matrix products)",
+          "question", fontsize=7.5)
+    d.show()
+
+
+draw_mla()
 
 # %%
 #| export
@@ -386,7 +495,11 @@ except ValueError as e:
 
 # %% [markdown]
 # The cache keeps, per layer, the two boxed vectors of every past token, and nothing else: `kv` holds $c^{KV}$
-# (after its RMSNorm) and `pe` holds $k^R$ (after RoPE), the reference code's `kv_cache` and `pe_cache`.
+# (after its RMSNorm) and `pe` holds $k^R$ (after RoPE), the reference code's `kv_cache` and `pe_cache`. Because $k^R$
+# is stored already rotated, its position is fixed when it is written: the tokens fed to a cached model must carry the
+# positions that follow the cache's filled `length`, which is what the model's default positions do. The cache holds
+# no per-head tensor at all; `nbytes` is therefore $b \cdot$ `max_len` $\cdot\, l\, (d_c + d_h^R)$ times the bytes
+# per number, Table 1's formula, which a check below confirms on the allocated tensors.
 
 # %%
 #| export
@@ -433,6 +546,12 @@ class MLACache:
 #   single decoding step is two batched matrix products against the cache; a longer chunk of queries goes through the
 #   fused attention kernel, with the latents as one key and value shared by all heads (MQA in the latent space), so
 #   that no $t \times s$ score matrix is made per head.
+#
+# Both paths end in the same place, per-head outputs of shape `(b, h, t, d_v)` that `wo` ($W^O$) mixes back to
+# `(b, t, d)`. First, two helpers for the fused kernel: `_allowed` builds the causal mask of $t$ new queries that follow
+# $s - t$ cached keys (query $k$ may see keys up to $s - t + k$, a lower triangle shifted right), and `_attend` calls
+# `scaled_dot_product_attention` after padding keys and values to one width, since MLA's query-key width
+# $d_h + d_h^R$ and its value width differ (and in the absorbed path the value is the $d_c$-wide latent).
 
 # %%
 #| export
@@ -466,7 +585,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(mask, t, s, q.device), scale=scale)
     return y[..., :ev]
 
+# %% [markdown]
+# The layer itself. `queries` and `latents` compute the right-hand sides of the boxed equations (RoPE applied to the
+# $d_h^R$ parts only), `up_projections` cuts $W^{UK}_i$ and $W^{UV}_i$ out of the stacked `wkv_b` weight as views (no
+# copy), and `forward` chooses the path. The comments give each tensor's shape; $s$ is the number of keys, cached plus
+# new.
 
+# %%
+#| export
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434, section 2.1 and Appendix C).
 
@@ -555,6 +681,15 @@ class MLA(nn.Module):
 # formulas above: the paper's matrices are cut out of the layer's stacked weights, RMSNorm is written out, and RoPE is
 # multiplication by $e^{i\theta}$ of complex pairs (independent of `apply_rope`). Both modes must match it, with and
 # without query compression.
+#
+# Why this is the right check: the reference shares nothing with the layer but its weights, so an error in the layer's
+# reshapes, splits or einsum strings cannot cancel against the same error in the reference. The test shape is chosen
+# to expose the usual mistakes. All widths differ ($d_h = 8$, $d_h^R = 4$, $d_v = 6$, $d_c = 16$), so taking the value
+# rows of `wkv_b` for key rows, or the RoPE part of a query for its position-free part, gives wrong numbers rather
+# than a lucky match. Every weight, the RMSNorm gains included, is random, so a forgotten norm or gain shows. Seven
+# positions make the RoPE angles and the causal mask matter. The reference runs in float64, so what remains is the
+# layer's float32 rounding, which the tolerance of $10^{-5}$ allows for; an error of logic would be of the size of the
+# outputs themselves.
 
 # %%
 def mla_reference(attn: MLA, x: torch.Tensor) -> torch.Tensor:
@@ -696,15 +831,21 @@ class MLATransformer(nn.Module):
     generate = Transformer.generate
 
 # %% [markdown]
-# **Three checks of the model.**
+# **Checks of the model.**
 #
 # 1. *Equivalence*: decoding with the cache, absorbed or naive, gives the logits of one full forward pass without a
 #    cache. We prefill 8 tokens, add a chunk of 4 (queries after cached keys, with the causal offset), then decode one
-#    token at a time, so the RoPE positions of the cached keys and of each new query must line up.
+#    token at a time, so the RoPE positions of the cached keys and of each new query must line up. The three ways of
+#    feeding tokens reach three different code paths of the absorbed mode (the fused kernel with a causal mask, the
+#    same with the mask shifted by the cached length, and the two-product single step), and an off-by-one in a
+#    position or a mask changes the logits.
 # 2. *Packed rows*: a row holding two documents, with positions restarting and the document mask, gives each document
-#    the logits it gets alone.
-# 3. *Cache bytes*: the bytes actually allocated by `dslib.transformer.KVCache` (MHA, GQA, MQA) and by `MLACache` equal
-#    the Table 1 formula.
+#    the logits it gets alone. `Trainer` packs documents this way, so without this check the race of section 3 could
+#    train on attention that leaks across documents.
+# 3. *Generation*: greedy decoding through `generate` picks the same tokens in both modes, the end-to-end form of
+#    check 1.
+# 4. *Cache bytes*: the bytes actually allocated by `dslib.transformer.KVCache` (MHA, GQA, MQA) and by `MLACache` equal
+#    the Table 1 formula, so the accounting of sections 1 and 5 describes tensors that exist, not only a formula.
 
 # %%
 world = World(n_docs=dslib.sized(small=40_000, full=150_000))
@@ -779,10 +920,11 @@ assert MLACache(c, 2, 50, dtype=torch.bfloat16).nbytes() == measured["MLA"] // 2
 # *MLA wide RoPE*, gives the decoupled RoPE key a full head's width, $d_h^R = d_h$. Our task is mostly about positions
 # (lining up digits, copying numbers), and MLA carries position only in this narrow channel, shared by all heads.
 #
-# Short runs on this world are noisy. Held-out loss sits on a plateau near 1.0 and then drops when a model starts to
-# do the arithmetic, and when that drop begins varies from run to run, with the initial weights and the order of the
-# data. So we report two numbers per run: the final loss, and the mean of the held-out loss over the run, which also
-# counts how early a model learned and is steadier. Two seeds each, the same data order for every kind within a seed.
+# Short runs on this world are noisy. Expect held-out loss to sit on a plateau near 1.0 and then drop when a model
+# starts to do the arithmetic; when that drop begins can vary from run to run, with the initial weights and the order
+# of the data. So we report two numbers per run: the final loss, and the mean of the held-out loss over the run, which
+# also counts how early a model learned and is steadier. Two seeds each at `small` scale (three at `full`), the same
+# data order for every kind within a seed.
 
 # %%
 RACE = dslib.sized(small=dict(d_model=64, n_layer=2, n_head=4, steps=300, batch=16, seeds=(0, 1)),
@@ -875,18 +1017,22 @@ plt.show()
 # %% [markdown]
 # Read the race with the noise in mind. The two seeds of one kind can differ as much as two kinds do, and another
 # machine will give other numbers. Within a seed, every kind sees the same batches, so compare kinds seed by seed, and
-# trust the mean over the run more than the final point. Three things stood out in every run we made while writing this
-# chapter (five different initialisations of each model):
+# trust the mean over the run more than the final point. Three questions to put to the table and the plot:
 #
-# - every kind learns, and at this size they all end within about 0.2 nats of each other;
-# - MLA with V2's proportions learns later than MHA: its mean held-out loss over the run is higher, and it ends behind;
-# - giving MLA's decoupled RoPE key a full head's width (8 more cached numbers per token) lowered its final loss in
-#   every run, and on average brought it level with MHA. Our task is about positions, and MLA carries position only in
-#   that one narrow key shared by all heads.
+# - *Does every kind learn?* Each curve should leave the plateau near 1.0 (the checks at the end assert a final loss
+#   below 1.2 for every run). How far apart do the kinds end, against the spread between two seeds of one kind?
+# - *Where does MLA with V2's proportions sit against MHA*, in the mean over the run (how early it learned) and at the
+#   end? The next cell prints the gap seed by seed; a gap smaller than the seed-to-seed spread is no gap.
+# - *Does the wide RoPE key change MLA's place?* It costs $d_h / 2$ more cached numbers per token per layer. Our task is
+#   mostly about positions, and MLA carries position only in that one narrow key shared by all heads. If widening it
+#   brings MLA level with MHA in every seed, the position channel is what held it back here; if it does not, look at
+#   the latent width instead (exercise 4).
 #
-# This does not contradict the paper. Its comparison is of benchmark scores of MoE models with 16B and 250B
-# parameters, with $n_h = 128$ heads and $d_h^R = 64$; ours is the loss of a 120k-parameter model with 4 heads and a
-# RoPE key of 8 numbers. The miniature reproduces the cache arithmetic exactly, but not the quality claim.
+# Whatever the race shows, it can neither confirm nor refute the paper. The paper compares benchmark scores of MoE
+# models with 16B and 250B parameters, $n_h = 128$ heads and $d_h^R = 64$; this race compares the held-out loss of
+# models with the parameter counts printed above, 4 heads (8 at `full` scale) and a RoPE key of $d_h / 2$ numbers.
+# The miniature reproduces the cache arithmetic exactly, as an identity; the quality claim it can only probe, and the
+# ledger of section 7 records what this run found.
 
 # %%
 for s_ in RACE["seeds"]:
@@ -904,8 +1050,24 @@ print(f"mean over the run, MLA minus MHA per seed: {', '.join(f'{g:+.3f}' for g 
 # Now the cache's other cost, time. We take one model shape, width 256 with 8 heads of 32 in 2 layers, and build it
 # with MHA, with GQA (2 key-value heads) and with MLA ($d_c = 128$, $d_h^R = 16$: V2's proportions). For each, a
 # prefill of random tokens fills the cache up to a context length, then we time single-token decoding steps, and
-# repeat at longer contexts. MLA decodes from one and the same cache in both modes. Each point is the fastest of four
-# steps, the one least disturbed by whatever else the machine runs.
+# repeat at longer contexts. MLA decodes from one and the same cache in both modes. Each point is the fastest of a few
+# steps (four at `small` scale), the one least disturbed by whatever else the machine runs.
+#
+# **What to expect, before any timing.** Per cached token and per layer, one decoding step costs, in multiply-adds and
+# in numbers read from the cache:
+#
+# | attention | multiply-adds | numbers read | at this shape |
+# |---|---|---|---|
+# | MHA | $2 n_h d_h$ | $2 n_h d_h$ | 512 and 512 |
+# | GQA | $2 n_h d_h$ | $2 n_g d_h$ | 512 and 128 |
+# | MLA naive | $d_c\, n_h (d_h + d_h^v) + n_h (d_h + d_h^R + d_h^v)$ | $d_c + d_h^R$ | 66,176 and 144 |
+# | MLA absorbed | $n_h (2 d_c + d_h^R)$ | $d_c + d_h^R$ | 2,176 and 144 |
+#
+# (Absorbed: a score against the latent, $d_c$, plus one against the RoPE key, $d_h^R$, plus the weighted sum of
+# latents, $d_c$, for each of the $n_h$ heads.) Every row grows linearly with the context; they differ in slope. A step
+# whose time follows the second column is compute-bound, one that follows the third is memory-bound, and which one a
+# machine is depends on its ratio of arithmetic speed to memory bandwidth. That is why the timings below are something
+# to look at on your own hardware, not a verdict on MLA.
 
 # %%
 DECODE = dslib.sized(small=dict(batch=4, contexts=(256, 512, 1024, 2048, 4096), steps=4),
@@ -1004,18 +1166,22 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What the curves show, and why. *Naive* MLA re-creates the keys and values of every cached token at every step: that
-# is $d_c \cdot n_h (d_h + d_h^v)$ multiply-adds per cached token per layer, work that grows with the context, and it
-# is the slowest by far. *Absorbed* MLA reads only the latents. A cached token costs it $n_h (2 d_c + d_h^R)$
-# multiply-adds against MHA's $2 n_h d_h$, about four times more arithmetic at V2's proportions, but every head reads
-# the same $d_c + d_h^R$ numbers, instead of its own $2 d_h$. On a GPU, decoding is usually bound by memory bandwidth,
-# and the fewer bytes win. A CPU has much less arithmetic to spare, and the two costs roughly cancel at this small
-# width: absorbed MLA decodes at close to MHA's speed, with a cache 3.6 times smaller. With more heads the byte saving
-# grows ($n_h / 2.25$) while the extra arithmetic stays at four times; `benchmarks/mla_decode.py` measures 16 heads,
-# batch 8.
-# GQA's cache is the smallest here, yet at long contexts it decodes more slowly than MHA: `dslib.transformer.Attention`
-# repeats each key-value head for its group of query heads at every step (`repeat_interleave`), which copies the whole
-# cache and costs more than the reading it saves. A grouped kernel would not copy.
+# What to look for in the curves, and why. *Naive* MLA re-creates the keys and values of every cached token at every
+# step, about 30 times the multiply-adds of the absorbed path at this shape (an identity of the table above, asserted
+# in the checks), so its step time should grow fastest with the context. *Absorbed* MLA reads only the latents: about
+# four times MHA's multiply-adds per cached token (4.25 at V2's proportions), but 3.6 times fewer numbers, because
+# every head reads the same $d_c + d_h^R$ numbers instead of its own $2 d_h$. On a GPU, decoding is usually bound by
+# memory bandwidth, and the fewer bytes should win at long contexts. A CPU has much less arithmetic to spare for each
+# byte it reads, so there the two effects pull against each other and either can win at this small width; the ratio
+# printed below at the longest context says which did on your machine. With more heads the byte saving grows
+# ($n_h / 2.25$ against MHA at V2's proportions) while the extra arithmetic stays at about four times;
+# `benchmarks/mla_decode.py` measures 16 heads, batch 8.
+#
+# GQA reads the fewest numbers here. When it decodes, `dslib.transformer.Attention` folds each group's query heads into
+# the rows of its one key-value head, so the cache is read in place rather than copied once per query head. What a
+# step also pays, whatever the context, is fixed work: the projections, the feed-forward block, the output head and
+# Python's own overhead. Where the curves run flat at short contexts, that fixed work is what they show, and only the
+# slopes at long contexts compare the caches.
 
 # %%
 mla_dec = dec_models["MLA"].config
@@ -1040,6 +1206,15 @@ print(f"at {max_ctx} tokens: absorbed MLA is {speed_absorbed_vs_naive:.1f}x fast
 # Back to the models the paper compares. DeepSeek-V2 (60 layers) and V3 (61 layers) use MLA with $d_c = 512$ and
 # $d_h^R = 64$; DeepSeek 67B (95 layers) and LLaMA-2-70B (80 layers) use GQA with 8 key-value heads of 128. For scale,
 # we add V2's shape with MHA (128 heads of 128), the cache MLA replaces.
+#
+# Table 1 counts elements per token for the whole model, the per-layer count times $l$. For the two models of the
+# paper's headline, in BF16 (2 bytes per element):
+#
+# $$\text{67B: } 2 \cdot 8 \cdot 128 \cdot 95 = 194{,}560 \text{ elements} = 389{,}120 \text{ B},\qquad
+#   \text{V2: } (512 + 64) \cdot 60 = 34{,}560 \text{ elements} = 69{,}120 \text{ B}.$$
+#
+# The ratio is $34{,}560 / 194{,}560 = 0.178$, a cache 82.2% smaller. The abstract says 93.3%, and the cell below
+# finds which number format for V2's cache makes that true.
 
 # %%
 REAL = {
@@ -1151,7 +1326,11 @@ explore(show_cache, n_head=(8, 248, 8), head_dim=(32, 224, 32), gqa_groups=(1, 1
 # %% [markdown]
 # ## 7. Claims ledger
 #
-# What the paper claims next to what this chapter measured.
+# What the paper claims next to what this chapter measured. The rows are of two sorts. The cache sizes, the 2.25
+# groups and the equality of the absorbed and naive paths are identities: they hold by construction, and a row that
+# failed would mean a bug. The quality and speed rows are measurements of this run's small models; each is judged by
+# the condition written in the cell, and the speed-up of a whole serving system is marked not comparable, since
+# nothing here resembles it.
 
 # %%
 mha_final, mla_final = final_loss["MHA"].mean(), final_loss["MLA"].mean()
@@ -1200,20 +1379,215 @@ ledger.show()
 saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger` prints every chapter's rows
 
 # %% [markdown]
+# ## What you learned
+#
+# - **The KV cache is the cost of decoding.** MHA keeps $2 n_h d_h$ numbers per token per layer; GQA and MQA shrink it
+#   by letting query heads share key-value heads, and V2's Table 1 (here `kv_cache_elements`, checked against the
+#   paper's numbers and against the bytes the caches allocate) puts the four kinds side by side.
+# - **MLA caches a summary, not the keys.** A latent $c^{KV}_t$ of $d_c$ numbers per token, from which low-rank
+#   up-projections rebuild every head's key and value (V2, eqs. 9-11), plus one RoPE key $k^R_t$ shared by all heads:
+#   $d_c + d_h^R = 576$ numbers at V2's shape, the cache of GQA with 2.25 groups.
+# - **Decoupled RoPE** exists because a position-dependent rotation between $W^{UQ}_i$ and $W^{UK}_i$ would stop the
+#   up-projection from moving onto the query; the score splits into a position-free part and a small RoPE part.
+# - **Absorption is associativity.** Move $W^{UK}_i$ onto the query and $W^{UV}_i$ past the weighted sum, and decoding
+#   becomes multi-query attention over the latents, with the same output as the naive path up to rounding (checked
+#   against a per-head loop from Appendix C).
+# - **Reading a headline.** V2's "93.3% smaller" than DeepSeek 67B is 82.2% from the architecture in BF16 and the rest
+#   from a cache of about 6 bits per element.
+# - **What the miniature can and cannot say.** The cache arithmetic is reproduced exactly; the quality and speed of
+#   MLA at this size are measured, and the ledger records where they agree with the paper and where they cannot.
+#
+# **Next.** Chapter 04 assembles DeepSeek-V3-mini: MLA in every layer (this chapter's `MLA` and `MLACache`),
+# DeepSeekMoE from chapter 02, and the one piece of V3 still missing, multi-token prediction (V3, section 2.2), used
+# also as a draft for speculative decoding.
+#
 # ## Exercises
 #
-# 1. **Break the decoupling.** Write a variant of `MLA` that applies RoPE to $q^C$ and $k^C$ after decompression (and
-#    drops $q^R$, $k^R$). The naive path still works. Try to write its absorbed path, and find where the position
-#    dependent rotation gets in the way.
-# 2. **The position channel.** Rerun the race with `qk_rope_head_dim` of 4, 8, 16 and 32 at three seeds. Does the
+# Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project).
+#
+# 1. ★ **A cache budget.** Say 40 GiB of a GPU are left for the cache once the weights are loaded. How many sequences
+#    of 32k tokens fit with DeepSeek-V3's MLA cache (61 layers) in BF16? How many with the same shape and MHA
+#    (128 heads of 128)? And how many key-value groups could a GQA model of 61 layers, heads of 128, have and still
+#    fit as many sequences as MLA?
+#
+#    <details><summary>Hint</summary><code>kv_cache_bytes(kind, n_layer=61, tokens=32_768, ...)</code> gives the
+#    bytes of one sequence; divide the budget by it and round down.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    budget = 40 * 2**30
+#    one_sequence = {
+#        "MLA": kv_cache_bytes("MLA", n_layer=61, tokens=32_768, kv_lora_rank=512, qk_rope_head_dim=64),
+#        "MHA": kv_cache_bytes("MHA", n_layer=61, tokens=32_768, n_head=128, head_dim=128),
+#        **{f"GQA {g}": kv_cache_bytes("GQA", n_layer=61, tokens=32_768, n_kv_head=g, head_dim=128)
+#           for g in (1, 2, 3)},
+#    }
+#    for name, nbytes in one_sequence.items():
+#        print(f"{name:<6} {nbytes / 2**30:7.2f} GiB per sequence, {int(budget // nbytes)} sequences")
+#    ```
+#    MLA needs 2.14 GiB per sequence, so 18 fit. MHA at the same shape needs 122 GiB for one sequence: none fits, and
+#    the model could not serve a single 32k context from this budget. GQA fits at least 18 with 2 groups (20
+#    sequences) but not with 3 (13): the 2.25 groups of section 1, rounded down. All of this is Table 1's arithmetic;
+#    which quality each choice buys is the question of section 3.
+#    </details>
+#
+# 2. ★★ **Break the decoupling.** Write a variant of `MLA` that applies RoPE to $q^C$ and $k^C$ after decompression (and
+#    drops $q^R$, $k^R$). The naive path still works. Try to write its absorbed path, and find where the
+#    position-dependent rotation gets in the way.
+#
+#    <details><summary>Hint</summary>Set <code>qk_rope_head_dim</code> aside and rotate <code>k_nope</code> in the naive
+#    branch of <code>forward</code> with <code>apply_rope(k_nope, cos_k, sin_k)</code>, where the key angles come from
+#    the positions of all <code>s</code> keys, not of the <code>t</code> new tokens. Then write the score
+#    $(R_t W^{UQ}_i c^Q_t)^\top (R_j W^{UK}_i c^{KV}_j)$ and try to pull $W^{UK}_i$ out of it.</details>
+#    <details><summary>Solution</summary>
+#
+#    The naive path needs only the angles of every cached position, since it rebuilds the keys anyway:
+#
+#    ```python
+#    class RotatedMLA(MLA):
+#        """RoPE on the decompressed keys and queries; no decoupled part (naive path only)."""
+#
+#        def forward(self, x, cos, sin, mask=None, cache=None, mode="naive"):
+#            c = self.c
+#            q_nope, _ = self.queries(x, cos, sin)  # ignore q^R
+#            kv, _ = self.latents(x, cos, sin)  # ignore k^R
+#            if cache is not None:
+#                kv, _ = cache.update(self.layer, kv, torch.zeros_like(kv[..., :c.qk_rope_head_dim]))
+#            s, t = kv.shape[1], x.shape[1]  # keys so far, new tokens (positions 0..s-1: no packed rows)
+#            pos = torch.arange(s, device=x.device).expand(x.shape[0], s)
+#            cos_k, sin_k = rope_cos_sin(pos, c.qk_nope_head_dim, c.rope_theta)
+#            cos_q, sin_q = cos_k[:, s - t:], sin_k[:, s - t:]
+#            k_nope, v = rearrange(self.wkv_b(kv), "b s (h d) -> b h s d", h=c.n_head).split(
+#                [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+#            q, k = apply_rope(q_nope, cos_q, sin_q), apply_rope(k_nope, cos_k, sin_k)
+#            y = _attend(q, k, v, mask, c.qk_nope_head_dim ** -0.5)
+#            return self.wo(rearrange(y, "b h t d -> b t (h d)"))
+#    ```
+#
+#    (`rearrange` is einops', and `_attend` is the helper of section 2.) To try it in a model, swap the class of each
+#    layer's attention, `for blk in model.layers: blk.attn.__class__ = RotatedMLA`; the RoPE weights stay, unused. The
+#    cached-versus-full check of section 2 should pass for it: the naive path rebuilds every key, so rotating them is
+#    no obstacle. For the absorbed path, write the score as
+#    $c^{Q\top}_t \big(W^{UQ\top}_i R_{j-t} W^{UK}_i\big) c^{KV}_j$. An absorbed query would be the row vector
+#    $c^{Q\top}_t W^{UQ\top}_i R_{j-t} W^{UK}_i$, and it is a different vector for every cached $j$, since $R_{j-t}$
+#    changes with $j$ and does not commute with $W^{UK}_i$. Computing it for every $j$ costs more than rebuilding
+#    $W^{UK}_i c^{KV}_j$, which is the naive path. That is V2's argument in section 2.1.3.
+#    </details>
+#
+# 3. ★★ **The position channel.** Rerun the race with `qk_rope_head_dim` of 4, 8, 16 and 32 at three seeds. Does the
 #    width of the shared RoPE key explain MLA's place? What does it cost in cache?
-# 3. **The latent width.** Sweep `kv_lora_rank` (8, 16, 32, 64) and plot final held-out loss against cached elements
+#
+#    <details><summary>Hint</summary><code>race_model</code> hard-codes two RoPE widths; build the model yourself with
+#    <code>MLATransformerConfig(..., qk_rope_head_dim=r)</code> and train it with the same <code>Trainer</code> call as
+#    section 3. The cache cost is
+#    <code>kv_cache_elements("MLA", kv_lora_rank=4 * dh, qk_rope_head_dim=r)</code>.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    seeds = (0, 1, 2)
+#    data_by_seed = {seed: PackedData([doc.text for doc in world.corpus()], tok, SEQ_LEN, RACE["batch"], seed=seed)
+#                    for seed in seeds}
+#    rope_runs = {}
+#    for r in (4, 8, 16, 32):
+#        for seed in seeds:
+#            torch.manual_seed(seed)
+#            model_r = MLATransformer(MLATransformerConfig(
+#                vocab_size=V, d_model=d, n_layer=RACE["n_layer"], n_head=H, kv_lora_rank=4 * dh,
+#                qk_nope_head_dim=dh, qk_rope_head_dim=r, v_head_dim=dh, max_seq_len=128))
+#            tr = Trainer(model_r, data_by_seed[seed], TrainConfig(
+#                steps=RACE["steps"], lr=3e-3, warmup_steps=30, schedule="cosine", eval_every=RACE["steps"] // 5,
+#                seed=seed), eval_batches=valid, device=device)
+#            rope_runs[(r, seed)] = np.mean(tr.fit(progress=False)["eval_loss"][1:])
+#        print(r, kv_cache_elements("MLA", kv_lora_rank=4 * dh, qk_rope_head_dim=r),
+#              np.mean([rope_runs[(r, s)] for s in seeds]))
+#    ```
+#    A RoPE width of `r` adds `r` numbers per token per layer to the latent's $4 d_h$, a small cost next to MHA's
+#    $2 n_h d_h$. Compare the mean losses with MHA's over the same seeds (`mean_loss["MHA"]`): if the loss falls
+#    steadily with `r` and reaches MHA's, the narrow position channel explains MLA's place on this positional task;
+#    if it is flat, it does not. The parameter counts differ slightly between widths (`wq` and `wkv_a` grow with
+#    `r`); for a strict comparison, adjust `intermediate_size` as `matched_width` does.
+#    </details>
+#
+# 4. ★★ **The latent width.** Sweep `kv_lora_rank` (8, 16, 32, 64) and plot final held-out loss against cached elements
 #    per token, next to GQA and MQA. Where does MLA stop paying for itself?
-# 4. **Quantise the cache.** Store `MLACache.kv` in 8 bits per token (absmax scaling) and measure the logit error
-#    against float32. How many bits does V2 need for its 93.3%, and what would 4 bits give?
-# 5. **Roofline.** From the table of multiply-adds and bytes in section 4, compute the arithmetic per byte of MHA and of
-#    absorbed MLA. Measure your machine's matrix-multiply speed and memory bandwidth, predict the head count at which
-#    absorbed MLA overtakes MHA, and check it with `python benchmarks/mla_decode.py --n-head ...`.
+#
+#    <details><summary>Hint</summary>The same loop as exercise 3, varying <code>kv_lora_rank</code> with
+#    <code>qk_rope_head_dim=dh // 2</code>; the x axis is <code>kv_lora_rank + dh // 2</code>, and the points of GQA
+#    and MQA are <code>race_cache</code> and <code>final_loss</code> from section 3.</details>
+#    <details><summary>Solution</summary>
+#
+#    Train each width as in exercise 3, collect `final[(rank, seed)] = tr.fit(progress=False)["eval_loss"][-1]`, then
+#
+#    ```python
+#    ranks = (8, 16, 32, 64)
+#    plt.plot([r + dh // 2 for r in ranks], [np.mean([final[(r, s)] for s in RACE["seeds"]]) for r in ranks],
+#             "o-", color=colours["MLA"], label="MLA")
+#    for k in ("MHA", "GQA", "MQA"):
+#        plt.scatter(race_cache[k], final_loss[k].mean(), color=colours[k], label=k)
+#    plt.xscale("log"); plt.xlabel("cached elements per token per layer"); plt.ylabel("final held-out loss")
+#    plt.legend(); plt.show()
+#    ```
+#    MLA pays for itself where its curve lies below the line joining MQA, GQA and MHA: at the same cache, a lower
+#    loss. Note that `kv_lora_rank` must stay at most `d_model` (the config refuses more: a latent cannot carry more
+#    rank than the hidden state it compresses), and that MQA's cache at this shape, $2 d_h$, equals MLA's with
+#    $d_c = 1.5\, d_h$.
+#    </details>
+#
+# 5. ★★ **Quantise the cache.** Store `MLACache.kv` in 8 bits per number (absmax scaling per token) and measure the
+#    logit error against float32. How many bits does V2 need for its 93.3%, and what would 4 bits give?
+#
+#    <details><summary>Hint</summary>After a prefill, replace each <code>cache.kv[layer][:, :cache.length]</code> by
+#    its round trip through int8: divide by <code>amax / 127</code> per token, round, multiply back. Then decode the
+#    next token with the cache and compare with the uncached logits. For the bytes, <code>kv_cache_bytes</code> takes a
+#    number of bits as <code>dtype</code>.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    def fake_quant(x, bits):
+#        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / (2 ** (bits - 1) - 1)
+#        return (x / scale).round() * scale
+#
+#    mla = m.eval()  # the last model the race trained (MLA wide RoPE, last seed)
+#    ids = torch.randint(0, V, (2, 24), device=device)
+#    with torch.no_grad():
+#        full = mla(ids)[:, -1]
+#        for bits in (8, 6, 4):
+#            cache = mla.new_cache(batch_size=2, max_len=24)
+#            mla(ids[:, :23], cache=cache)
+#            cache.kv = [fake_quant(t, bits) for t in cache.kv]
+#            err = (mla(ids[:, 23:], cache=cache)[:, -1] - full).abs().max().item()
+#            v2 = kv_cache_bytes("MLA", n_layer=60, kv_lora_rank=512, qk_rope_head_dim=64, dtype=bits)
+#            saving = 1 - v2 / bf16_67b
+#            print(f"{bits} bits: max logit error {err:.1e}; V2's cache would be {saving:.1%} smaller than 67B's")
+#    ```
+#    The savings are arithmetic: 6 bits give 93.3% (`bits_for_933` in section 5 is the exact break-even), 8 bits
+#    91.1%, 4 bits 95.6%. The errors are this model's; expect each 2 bits removed to make them about 4 times larger,
+#    since the rounding step doubles with every bit. (A real 6-bit cache also stores the per-token scales; this sketch
+#    ignores their bytes, and leaves `pe` unquantised.)
+#    </details>
+#
+# 6. ★★★ **Roofline.** From the table of multiply-adds and numbers read in section 4, compute the arithmetic per byte
+#    of MHA and of absorbed MLA. Measure your machine's matrix-multiply speed and memory bandwidth, predict the head
+#    count at which absorbed MLA overtakes MHA, and check it with `python benchmarks/mla_decode.py --n-head ...`.
+#
+#    <details><summary>Hint</summary>Per cached token, MHA does $2 n_h d_h$ multiply-adds on $2 n_h d_h$ numbers, one
+#    per number whatever $n_h$. Absorbed MLA does $n_h (2 d_c + d_h^R)$ on $d_c + d_h^R$ numbers, so its intensity grows
+#    with $n_h$. Time a large <code>torch.mm</code> for the first machine number and a large <code>tensor.clone()</code>
+#    for the second.</details>
+#    <details><summary>Solution</summary>
+#
+#    With $F$ multiply-adds per second and $B$ bytes per second, a step's time per cached token is roughly the larger of
+#    (multiply-adds)$/F$ and (bytes)$/B$. In float32 (4 bytes), MHA does $2 n_h d_h$ multiply-adds on $8 n_h d_h$ bytes,
+#    0.25 per byte at any head count; absorbed MLA at V2's proportions ($d_c = 4 d_h$, $d_h^R = d_h / 2$) does
+#    $8.5\, n_h d_h$ on $18 d_h$ bytes, $0.47\, n_h$ per byte. MHA is memory-bound wherever $F > B/4$, nearly
+#    everywhere, so its time is $8 n_h d_h / B$. Absorbed MLA is faster when both of its terms are below that: its bytes
+#    term $18 d_h / B$ is, for every $n_h \ge 3$; its arithmetic term $8.5\, n_h d_h / F$ is when $F > 1.06\, B$,
+#    whatever $n_h$. So this simple model predicts a machine property more than a head count: where arithmetic clearly
+#    outruns memory (GPUs), absorbed MLA wins from 3 heads on; where $F$ is close to $B$, it loses at every head
+#    count. Real kernels reach only part of $F$ on these small, oddly shaped products, and every step has fixed work,
+#    so a measured crossover, if there is one, lies at more heads than the model says. Run the benchmark at
+#    `--n-head 4`, `8`, `16` and `32` and compare.
+#    </details>
 #
 # ## Checks
 #

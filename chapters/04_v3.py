@@ -29,7 +29,8 @@
 # 1. `dslib.v3.V3Config`, with the field names of V3's released `config.json`, the full-size configurations of V3 and
 #    V2, and `count_params`, which reproduces "671B total, 37B activated" and "236B, 21B" from the shapes alone
 #    (section 1);
-# 2. `dslib.mtp`: V3's sequential MTP modules, their targets and loss, checked against a slow loop (section 2);
+# 2. `dslib.mtp`: V3's sequential MTP modules, their targets and loss, and greedy speculative decoding with the first
+#    module as the draft, checked against a slow loop (section 2);
 # 3. `dslib.v3.DeepSeekV3`: MLA in every layer (chapter 03), dense feed-forward layers first and DeepSeekMoE after them
 #    (chapter 02), optional MTP, and `from_hf`, which loads a Hugging Face transformers DeepseekV3 checkpoint; matching
 #    transformers' logits is how we know our V3 is V3 (section 3);
@@ -37,9 +38,18 @@
 # 5. speculative decoding with the MTP module as the draft: acceptance rate and tokens per forward pass (section 5);
 # 6. parameter and FLOP tables for our model and the real ones, and the claims ledger (sections 6-7).
 #
+# **What you need.** Chapter 00 (the arithmetic world and its character-level tokenizer, packed batches, the
+# pre-norm transformer with RMSNorm, SwiGLU and RoPE, the `Trainer`), chapter 02 (the `MoE` layer, sigmoid routing with
+# groups, the auxiliary-loss-free bias `update_bias` and `moe_aux_loss`) and chapter 03 (`MLA` and its latent cache,
+# with the naive and absorbed decoding modes). Nothing is downloaded: the models of this chapter are trained here,
+# from random weights. The parity check of section 3 needs transformers, a development dependency; without it that one
+# check is skipped. **How long.** The chapter is budgeted at about 3 minutes at `small` scale on 2 CPU cores; most of
+# it is section 4's four short training runs. `full` scale trains three seeds for 3000 steps instead of two for 250.
+#
 # **Papers.** DeepSeek-V3 (arXiv 2412.19437): section 2.1 (architecture: MLA and DeepSeekMoE with auxiliary-loss-free
-# balancing), section 2.2 (MTP, equations 21-25), section 5.4.3 (MTP as a speculative draft: 85-90% acceptance, 1.8x
-# tokens per second) and Table 4 (the MTP ablation). Names follow the released configuration and weights.
+# balancing), section 2.2 (MTP, equations 21-25 and Figure 3), section 5.4.3 (MTP as a speculative draft: 85-90%
+# acceptance, 1.8x tokens per second) and Table 4 (the MTP ablation); `PAPERS.md` section 4. Names follow the released
+# configuration and weights.
 #
 # Cells that start with `#| export` are saved into `dslib` by `python -m dslib.book export`; later chapters import them.
 
@@ -82,19 +92,35 @@ SCALE = dslib.scale()
 CHAPTER_START = time.time()
 
 # %% [markdown]
+# ## The idea: V2's architecture, a new balance, and a denser training signal
+#
+# DeepSeek-V3 keeps the architecture of V2: every layer attends with MLA, whose cache holds one small latent per token
+# (chapter 03), and all but the first few layers replace the dense feed-forward block with a DeepSeekMoE layer of
+# shared and fine-grained routed experts (chapter 02). Section 2.1 of the V3 report changes two things in the MoE:
+# affinities are sigmoids instead of a softmax, and the experts are balanced by a bias that only steers selection, with
+# a tiny sequence-wise loss as a back-stop. Section 2.2 adds one thing to training: **multi-token prediction**, a small
+# module that, from the main model's last hidden state and the embedding of the next token, predicts the token after
+# that one. At inference the module can be thrown away, leaving a model of unchanged size, or kept as a cheap draft
+# for speculative decoding.
+#
+# The rest of V3's report (FP8 training, the DualPipe pipeline schedule, the cluster) is about doing this at 671B
+# parameters and is out of scope. What is in scope is everything that defines the function the model computes, so the
+# chapter's test of correctness is strict: the same weights must give the same logits as an independent
+# implementation.
+
+# %% [markdown]
 # ## 1. The configuration, and counting without weights
 #
 # V3 is specified by a configuration file. Ours uses the same field names as the released `config.json`
 # (`hidden_size`, `first_k_dense_replace`, `n_routed_experts`, `num_experts_per_tok`, `n_group`, `topk_group`,
-# `routed_scaling_factor`, `kv_lora_rank`, `num_nextn_predict_layers`, ...), so the file of the real model reads into
-# it, and `V3Config.deepseek_v3()` and `V3Config.deepseek_v2()` hold the published ones.
+# `routed_scaling_factor`, `kv_lora_rank`, `num_nextn_predict_layers`, ...), so the fields of the real model's file
+# map one to one onto it, and `V3Config.deepseek_v3()` and `V3Config.deepseek_v2()` hold the published ones. Keeping the reference names
+# costs a little readability (`num_nextn_predict_layers` for the MTP depth $D$) and buys a lot: a checkpoint's
+# `config.json` can be held next to ours field by field, and section 3 reads one with `V3Config.from_dict` without
+# renaming a single field.
 #
-# From the configuration alone we can count the parameters. A layer has MLA (query down- and up-projections, the joint
-# key-value down-projection with the shared RoPE key, the key and value up-projections, the output), two RMSNorms, and
-# either a dense SwiGLU ($3 d \cdot d_{ff}$) or an MoE layer: a router ($N_r d$) and $N_s + N_r$ experts of
-# $3 d \cdot d_{e}$ each, of which a token uses $N_s + K_r$. *Activated* parameters are those one token computes with;
-# we leave out the input embedding (a table look-up, no arithmetic) and keep the output head. MTP is left out, as in
-# the paper's count.
+# The module starts with its imports. It builds on `dslib.mla` (chapter 03), `dslib.moe` (chapter 02), `dslib.mtp`
+# (section 2 of this chapter) and the shared pieces of `dslib.transformer` (chapter 00).
 
 # %%
 #| default_exp v3
@@ -125,7 +151,39 @@ from dslib.transformer import RMSNorm, SwiGLU, Transformer, document_causal_mask
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
+# %% [markdown]
+# **The fields of `V3Config`.** The configuration is a dataclass whose defaults are V3-mini, this chapter's model. The
+# fields fall into a few groups, most of them owned by an earlier chapter; the table gives the published V3 next to the mini
+# (the chapter builds the mini with its tokenizer's `vocab_size` and a context of `SEQ_LEN` = 96):
+#
+# | group | fields | DeepSeek-V3 | V3-mini |
+# |---|---|---|---|
+# | width, depth | `hidden_size` $d$, `num_hidden_layers` $L$ | 7168, 61 | 64, 4 |
+# | dense layers (ch. 00) | `first_k_dense_replace`, `intermediate_size` $d_{ff}$ | 3, 18432 | 1, 192 |
+# | MLA (ch. 03) | `num_attention_heads` $n_h$, `q_lora_rank` $d'_c$, `kv_lora_rank` $d_c$ | 128, 1536, 512 | 4, None, 32 |
+# | head widths | `qk_nope_head_dim` $d_h$, `qk_rope_head_dim` $d_h^R$, `v_head_dim` | 128, 64, 128 | 16, 8, 16 |
+# | experts (ch. 02) | `n_shared_experts` $N_s$, `n_routed_experts` $N_r$, `num_experts_per_tok` $K_r$ | 1, 256, 8 | 1, 16, 4 |
+# | expert width | `moe_intermediate_size` $d_e$ | 2048 | 32 |
+# | routing | `n_group`, `topk_group`, `scoring_func`, `norm_topk_prob`, `routed_scaling_factor` | 8, 4, sigmoid, yes, 2.5 | 4, 2, sigmoid, yes, 1.0 |
+# | balance | `aux_loss_alpha` $\alpha$, `bias_update_speed` $\gamma$ | 0.0001, 0.001 | the same |
+# | MTP (section 2) | `num_nextn_predict_layers` $D$ | 1 | 0 (1 for the MTP runs) |
+# | tokens, context | `vocab_size`, `max_position_embeddings` | 129280, 163840 | 104, 128 |
+#
+# `q_lora_rank=None` means the queries are not compressed (our mini); V3 and V2 compress them to rank 1536.
+# `n_group` and `topk_group` are the code's form of node-limited routing: a token may use experts from at most
+# `topk_group` of the `n_group` groups. Neither balance field changes the logits: `aux_loss_alpha` weights the
+# complementary sequence-wise loss that each MoE layer computes on the side (collected by `moe_aux_loss`), and
+# `bias_update_speed` is the step of `update_bias`, which the training loop calls (chapter 02).
+#
+# `__post_init__` validates every field and then builds the chapter 03 and chapter 02 configurations through
+# `mla_config()` and `moe_config()`, so a shape those modules would refuse (an odd RoPE width, more experts per token
+# than experts, groups that do not divide the experts) fails here, when the configuration is made. `from_dict`
+# reads a Hugging Face `config.json`: it keeps the fields it knows, ignores the rest, and refuses the two features
+# this implementation lacks (non-interleaved RoPE, and RoPE scaling such as YaRN) rather than loading a model that
+# would compute something else.
 
+# %%
+#| export
 @dataclass
 class V3Config:
     """DeepSeek-V3's configuration, with the field names of its released config.json (as read by Hugging Face
@@ -263,7 +321,55 @@ class V3Config:
                    norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1, aux_loss_alpha=0.003,
                    bias_update_speed=0.0, num_nextn_predict_layers=0, max_position_embeddings=163840)
 
+# %% [markdown]
+# **Counting without weights.** From the configuration alone we can count the parameters. A layer has MLA (query
+# down- and up-projections, the joint key-value down-projection with the shared RoPE key, the key and value
+# up-projections, the output), two RMSNorms, and either a dense SwiGLU or an MoE layer. In the notation of the table
+# above (V2 section 2.1 for the MLA matrices), one layer's attention holds
+#
+# $$P_{\text{attn}} = \underbrace{d\,d'_c + d'_c + d'_c\,n_h (d_h + d_h^R)}_{W^{DQ},\ \text{its norm},\ W^{UQ},\ W^{QR}}
+#   + \underbrace{d\,(d_c + d_h^R) + d_c}_{W^{DKV},\ W^{KR},\ \text{the latent's norm}}
+#   + \underbrace{d_c\, n_h (d_h + d_h^v)}_{W^{UK},\ W^{UV}} + \underbrace{n_h d_h^v\, d}_{W^O},$$
+#
+# where $d_h^v$ is `v_head_dim`; without query compression the first brace is $d\, n_h (d_h + d_h^R)$. A SwiGLU of
+# width $w$ has $3dw$ (gate, up, down). With $k$ dense layers (`first_k_dense_replace`) and a vocabulary of $V$:
+#
+# $$P_{\text{dense}} = P_{\text{attn}} + 2d + 3d\,d_{ff}, \qquad
+#   P_{\text{MoE}} = P_{\text{attn}} + 2d + N_r d + (N_s + N_r)\, 3d\,d_e, \qquad
+#   P^{\text{act}}_{\text{MoE}} = P_{\text{attn}} + 2d + N_r d + (N_s + K_r)\, 3d\,d_e,$$
+#
+# $$N_{\text{total}} = k\,P_{\text{dense}} + (L - k)\,P_{\text{MoE}} + 2Vd + d, \qquad
+#   N_{\text{act}} = k\,P_{\text{dense}} + (L - k)\,P^{\text{act}}_{\text{MoE}} + Vd + d.$$
+#
+# *Activated* parameters are those one token computes with. The router's $N_r d$ counts in full (every token scores
+# every expert); we leave out the input embedding (a table look-up, no arithmetic) and keep the output head; the last
+# $d$ is the final norm. MTP is left out, as in the paper's count; `count_params(..., mtp=True)` adds it.
+#
+# Worked by hand for V3, from the table above (the next cells do it in code):
+#
+# | part | total | activated |
+# |---|---|---|
+# | experts of the 58 MoE layers, $3d\,d_e$ = 44.0M each | $58 \times 257 \times 44.0$M = 656.5B | $58 \times 9 \times 44.0$M = 23.0B |
+# | MLA, $P_{\text{attn}}$ = 187.1M per layer | $61 \times 187.1$M = 11.4B | 11.4B |
+# | dense SwiGLU, 3 layers of 396.4M | 1.2B | 1.2B |
+# | routers, $N_r d$ = 1.8M per MoE layer | 0.1B | 0.1B |
+# | embedding and output head, $Vd$ = 0.93B each | 1.85B | 0.93B |
+# | sum (the norms add under 1M) | 671.0B | 36.6B |
+#
+# Two things the arithmetic shows. About 97% of V3's parameters are routed experts, of which a token touches 8 of 256,
+# and attention is almost a third of what a token computes. And $(N_s + K_r)\,d_e = 9 \times 2048 = 18432 = d_{ff}$,
+# an identity of V3's configuration: the activated part of an MoE layer is exactly as wide as a dense layer, so per
+# token an MoE layer costs a dense layer plus a router.
+#
+# `flops_per_token` turns the activated count into training compute: 2 FLOPs per multiply-add in the forward pass and
+# twice that in the backward pass give $6 N_{\text{act}}$, and attention's scores and weighted sums over a context of
+# $T$ add a term that the parameters do not see:
+#
+# $$C_{\text{train}} = 6\, N_{\text{act}} + 3 \cdot 2\, n_h \left(d_h + d_h^R + d_h^v\right) T L
+#   \quad \text{FLOPs per token.}$$
 
+# %%
+#| export
 def _attention_params(c: V3Config) -> int:
     h, d = c.num_attention_heads, c.hidden_size
     if c.q_lora_rank:
@@ -323,6 +429,18 @@ print(f"V3 with its MTP module: {v3_with_mtp / 1e9:.2f}B unique, {(v3_with_mtp +
       f"released (the MTP layer stores its own copy of the embedding and the head)")
 
 # %% [markdown]
+# Read the output against the hand count above: both models should round to their published totals, and the ledger
+# of section 7 checks exactly that rounding. This checks our *reading* of the architecture, not only the arithmetic:
+# drop the shared expert ($58 \times 44.0$M = 2.6B) or give each head its own RoPE key ($61 \times 127 \times 7168
+# \times 64$ = 3.6B more) and V3 no longer rounds to 671B. A forgotten norm vector would not show at this scale, which
+# is why section 3 also compares `count_params` with the parameters PyTorch allocates, and the allocated model with
+# an independent implementation.
+#
+# The second line adds the MTP module of section 2: one more MoE layer, the projection $M_1$ ($2d^2$ = 0.1B) and three
+# norms. The released checkpoint stores that module, and with it separate copies of the embedding and the output head
+# (2 x 0.93B); together they are why the released checkpoint holds more than 671B. Exercise 5 takes this apart.
+
+# %% [markdown]
 # ## 2. Multi-token prediction
 #
 # A language model is trained to predict the next token. V3 adds $D$ *sequential* modules that predict the tokens after
@@ -333,8 +451,73 @@ print(f"V3 with its MTP module: {v3_with_mtp / 1e9:.2f}B unique, {(v3_with_mtp +
 # tokens up to $t_{i+k}$ and nothing after. The loss adds $\frac{\lambda}{D} \sum_k L^k$ to the main loss
 # (equation 25), with $\lambda = 0.3$ for the first 10T tokens and $0.1$ for the rest.
 #
-# The offsets are where bugs hide. At depth $k$ only positions $i \le T-1-k$ have a target, and in a packed row a
-# target in the next document must not count.
+# Why bother? The report gives two reasons: every position now yields more than one training signal, and the main
+# model's hidden state is pushed to carry what is needed for the token after next as well, a kind of planning ahead.
+# Gloeckle et al. (2024) predict several future tokens too, but with independent heads on the same hidden state, in
+# parallel. V3's modules are chained instead: module $k$ is *told* the token $t_{i+k}$ it would otherwise have to
+# guess, so each depth solves a next-token problem of the ordinary kind, one step further along.
+#
+# **Figure 3 of the report, in words.** The figure draws three columns side by side, for $D = 2$: the main model on
+# the left, MTP module 1 in the middle, MTP module 2 on the right. Each column is the same stack read from the bottom:
+# an embedding layer, transformer blocks ($L$ of them in the main model, one in each module), an output head, and a
+# cross-entropy loss on top. The embedding layer and the output head are marked as shared between the columns. The
+# inputs are shifted by one token per column: the main model reads $t_1 \dots t_4$ and is scored against
+# $t_2 \dots t_5$; module 1 reads the embeddings of $t_2 \dots t_5$ and is scored against $t_3 \dots t_6$; module 2
+# reads $t_3 \dots t_6$ and is scored against $t_4 \dots t_7$. Arrows carry each column's hidden states sideways into
+# the next column, where they and the new embeddings each pass through an RMSNorm, are concatenated, and go through a
+# linear projection before the module's block. The three losses are $\mathcal L_{\text{Main}}$,
+# $\mathcal L^1_{\text{MTP}}$ and $\mathcal L^2_{\text{MTP}}$. What the figure is there to show is the sideways arrow:
+# position $i$ of module 1 combines the main model's state at $i$ with the token at $i + 1$, never anything later.
+#
+# **The equations** (V3, section 2.2; tokens numbered from 1, as in the paper). Module $k$ combines, projects, runs
+# its block over the $T - k$ positions that still have a target, and predicts:
+#
+# $$h'^k_i = M_k \left[\mathrm{RMSNorm}(h^{k-1}_i);\ \mathrm{RMSNorm}(\mathrm{Emb}(t_{i+k}))\right]
+#   \qquad (21)$$
+#
+# $$h^k_{1:T-k} = \mathrm{TRM}_k\!\left(h'^k_{1:T-k}\right) \qquad (22)$$
+#
+# $$P^k_{i+k+1} = \mathrm{OutHead}\!\left(h^k_i\right) \qquad (23)$$
+#
+# $\mathrm{Emb}$ and $\mathrm{OutHead}$ are the main model's own embedding and output head, shared, not copied: the
+# module owns only $M_k$ ($d \times 2d$), two RMSNorms and its block $\mathrm{TRM}_k$. In `MTPModule` these are
+# `eh_proj`, `enorm` and `hnorm`, and `block`; a third RMSNorm, `norm`, is applied before the shared head, as in the
+# released weights (`shared_head.norm`). The code concatenates the embedding first, as the released weights do; the
+# paper's order differs only by a permutation of $M_k$'s columns (exercise 3). Shapes, for a batch of $b$ rows:
+# `h_prev` and `emb_next` are both $(b, n, d)$, their concatenation $(b, n, 2d)$, and the output $h^k$ is $(b, n, d)$.
+
+# %% [markdown]
+# Figure 3 redrawn for $D = 2$: three columns, each read from the bottom. The shared embedding and output head are
+# the same boxes in every column (one colour); the sideways arrows carry each column's hidden states into the next.
+
+# %%
+from dslib.diagram import Diagram
+
+
+def draw_mtp():
+    """V3's Multi-Token Prediction for D = 2 (V3, Figure 3 and equations 21-25), as MTPModule builds it."""
+    d = Diagram(13.6, 5.4, "Multi-Token Prediction (DeepSeek-V3, section 2.2, Figure 3), D = 2")
+    columns = (("main model", "t1 t2 t3 t4", "L transformer blocks", "L_Main: predict t2 ... t5"),
+               ("MTP module 1", "t2 t3 t4 t5", "RMSNorm both, concat,\nM_1 (d x 2d), 1 block", "L^1: predict t3 ... t6"),
+               ("MTP module 2", "t3 t4 t5 t6", "RMSNorm both, concat,\nM_2 (d x 2d), 1 block", "L^2: predict t4 ... t7"))
+    for c, (name, tokens, body, loss) in enumerate(columns):
+        x = 0.3 + 4.5 * c
+        d.ax.text(x + 1.6, 5.0, name, ha="center", fontsize=9.5, weight="bold")
+        d.box(x, 0.15, 3.2, 0.55, f"input tokens {tokens}", "baseline", fontsize=8)
+        d.box(x, 0.95, 3.2, 0.6, "embedding (shared)", "model", fontsize=8)
+        d.box(x, 1.85, 3.2, 1.0, body, "stage", fontsize=8)
+        d.box(x, 3.15, 3.2, 0.6, "output head (shared)", "model", fontsize=8)
+        d.box(x, 4.05, 3.2, 0.6, loss, "measure", fontsize=8)
+        for y0, y1 in ((0.7, 0.95), (1.55, 1.85), (2.85, 3.15), (3.75, 4.05)):
+            d.arrow(x + 1.6, y0, x + 1.6, y1)
+        if c:
+            d.arrow(x - 1.3, 2.35, x, 2.35, "h^(k-1)_i", dy=0.1)
+    d.ax.text(6.8, -0.15, "loss = L_Main + (lambda / D)(L^1 + L^2)   (eq. 25); at position i, module k sees tokens "
+              "up to t_(i+k) and nothing later", ha="center", fontsize=8, color="#555555")
+    d.show()
+
+
+draw_mtp()
 
 # %%
 #| export mtp
@@ -378,7 +561,27 @@ class MTPModule(nn.Module):
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(x, cos, sin, mask, cache, **block_kwargs)
 
+# %% [markdown]
+# **The chain over a whole sequence.** In training the modules run over every position at once. From here on the
+# code counts from 0: position $i$ of a row holds $t_i$, $i = 0, \dots, T-1$, and `targets[i]` is $t_{i+1}$.
+# `mtp_hidden` takes the main model's hidden states $h^0$, shape $(b, T, d)$, and the token ids $(b, T)$, and for
+# $k = 1, \dots, D$:
+#
+# 1. keeps the first $n = T - k$ positions of $h^{k-1}$: position $i$ at depth $k$ predicts $t_{i+k+1}$, which exists
+#    in the row only for $i \le T - 1 - k$;
+# 2. embeds `input_ids[:, k:k + n]`, so that position $i$ is paired with $t_{i+k}$, the token equation 21 asks for;
+# 3. runs module $k$ with the RoPE angles and the attention mask of those first $n$ positions: the block works at the
+#    positions of $h$, not at those of the embedded tokens.
+#
+# Why the chain stays causal, by induction: $h^0_j$ depends on $t_0, \dots, t_j$. If $h^{k-1}_j$ depends on tokens up
+# to $t_{j+k-1}$, then $h'^k_j$ depends on tokens up to $t_{j+k}$, and the block's causal attention at $i$ mixes only
+# $j \le i$, so $h^k_i$ depends on tokens up to $t_{i+k}$ and on nothing after. The pitfall is one slot either way:
+# embed `input_ids[:, k + 1:]` instead and module $k$ is shown the very token it must predict, so it learns to copy;
+# run it over all $T$ positions and the last $k$ have nothing to be scored against. Section 3 tests the chain by
+# changing one token and watching which positions move.
 
+# %%
+#| export mtp
 def mtp_hidden(modules: nn.ModuleList, embed: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Run the D modules in sequence over a whole sequence (training): depth k sees positions i = 0 .. T-1-k, combines
@@ -395,7 +598,32 @@ def mtp_hidden(modules: nn.ModuleList, embed: nn.Module, input_ids: torch.Tensor
         out.append(h)
     return out
 
+# %% [markdown]
+# **The loss.** Depth $k$ is scored by cross-entropy against the tokens it predicts, and the $D$ depths are averaged
+# and weighted by $\lambda$ (V3, equations 24 and 25, tokens numbered from 1):
+#
+# $$\mathcal L^k_{\text{MTP}} = \mathrm{CrossEntropy}\!\left(P^k_{2+k:T+1},\ t_{2+k:T+1}\right)
+#   = -\frac{1}{T} \sum_{i=2+k}^{T+1} \log P^k_i[t_i] \qquad (24)$$
+#
+# $$\mathcal L_{\text{MTP}} = \frac{\lambda}{D} \sum_{k=1}^{D} \mathcal L^k_{\text{MTP}} \qquad (25)$$
+#
+# and the model is trained on $\mathcal L_{\text{Main}} + \mathcal L_{\text{MTP}}$, with $\lambda = 0.3$ for the first
+# 10T tokens and $0.1$ for the last 4.8T. Because the head and the embedding are shared and $h^0$ feeds module 1,
+# the gradient of $\mathcal L_{\text{MTP}}$ reaches every parameter of the main model; that is the point, since the
+# modules themselves can be discarded after training.
+#
+# Our batches are packed rows of several documents (chapter 00), and only response tokens are scored, so `mtp_targets`
+# builds depth $k$'s targets and mask from the batch's own: at position $i$ the target is `targets[i + k]`
+# $= t_{i+k+1}$, counted when `loss_mask[i + k]` holds (a response token, in the same document as $t_{i+k}$) and
+# position $i$ lies in the same document as $i + k$. Without the second condition, a position near the end of one
+# document would be scored on a token of the next one, which its attention, kept inside its own document, cannot
+# see. `mtp_loss` then
+# computes the main loss and each $\mathcal L^k$ with `masked_lm_loss`, which divides by the number of counted targets
+# rather than by $T$: both losses are in nats per counted token, which is what the main loss of every chapter uses.
+# It returns the total and the parts (the main loss and the list of $\mathcal L^k$), so a caller can watch each.
 
+# %%
+#| export mtp
 def mtp_targets(batch: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and loss mask of depth k for a packed batch (dslib.world.PackedData): at position i the target is
     t_{i+k+1} = targets[i+k], counted when it is a response token (loss_mask[i+k]) of the same document as position i
@@ -422,7 +650,42 @@ def mtp_loss(model: nn.Module, batch: dict[str, torch.Tensor], lam: float) -> tu
     total = main + (lam / len(depth_losses)) * sum(depth_losses) if depth_losses else main
     return total, main, depth_losses
 
+# %% [markdown]
+# **Speculative decoding, with module 1 as the draft.** After training, module 1 can stay and earn its keep at
+# inference (V3, section 5.4.3). Greedy decoding costs one main-model forward pass per token. Suppose that after a
+# forward pass we know the main model's next token $t$ (its argmax) and module 1's guess $d$ for the token after $t$.
+# The next forward pass reads both, $[t, d]$, as two new positions:
+#
+# - the logits at $t$'s position give $g_1$, the main model's greedy choice after $t$;
+# - the logits at $d$'s position give $g_2$, its greedy choice after $t, d$.
+#
+# If $g_1 = d$, the draft is exactly what greedy decoding would have produced, so $d$ is kept; and $g_2$ was computed
+# from the right context, so it is kept too: two tokens for one forward pass. If $g_1 \ne d$, the draft is rejected:
+# $g_1$ is the right token, $g_2$ is meaningless, and $d$'s entry leaves the latent cache (`cache.length -= 1`, so the
+# next write overwrites it). Either way every kept token is the main model's own greedy choice given the kept prefix,
+# so by construction the output is greedy decoding's and only the number of forward passes changes. In floating point
+# this can still fail at a near tie: a forward pass over two positions need not round exactly like two passes over
+# one, and a last-digit difference can flip an argmax between two almost equal logits. Section 5 compares the outputs.
+#
+# The next draft needs module 1's inputs at the newly confirmed positions: the main model's hidden state $h_j$ there
+# and the token after it. `mtp_draft` feeds exactly those to module 1, which keeps its own latent cache
+# (`new_mtp_cache`) and so only ever holds confirmed positions: after an acceptance, the two positions of $t$ and $d$
+# with the tokens after them, $[d, g_2]$; after a rejection, the position of $t$ with $g_1$.
+#
+# **What acceptance means.** The *acceptance rate* is the share of drafts that the main model confirms,
+# $a = \text{accepted} / \text{drafted}$. Every forward pass after the prompt's yields one token, plus one when its
+# draft is accepted, so tokens per forward pass is an identity away from the acceptance rate: it approaches $1 + a$ over
+# a long answer (the prompt's own pass yields a single token, and an accepted draft that is the stop token ends the
+# answer without its bonus token). V3's 85-90% acceptance thus means about 1.85-1.9 tokens per forward pass; its 1.8x
+# tokens per second is below that because a step that reads two positions and then runs the MTP module costs more
+# than a plain step. With sampling instead of greedy decoding the test would be a probabilistic one built to preserve
+# the sampling distribution (speculative sampling); here it is the equality of two argmaxes.
+#
+# `SpeculativeStats` records the passes, tokens, drafts and acceptances, with a mark per produced token for the
+# explorer of section 5. `speculative_generate` decodes one sequence at a time; exercise 4 asks what a batch needs.
 
+# %%
+#| export mtp
 @dataclass
 class SpeculativeStats:
     """What speculative decoding did: forward passes of the main model, tokens produced, drafts proposed and kept,
@@ -500,10 +763,10 @@ def speculative_generate(model: nn.Module, input_ids: torch.Tensor, max_new_toke
     return torch.tensor([out[:t0] + gen], device=input_ids.device), stats
 
 # %% [markdown]
-# **Checked against a slow loop.** For a packed batch with two documents per row, we compute each depth's loss term
-# by hand, position by position: the target of position $i$ at depth $k$ is the token $k+1$ places ahead, counted only
-# when it is a response token of the same document. Then the causal chain: changing a token at position $j$ must leave
-# $h^k_i$ unchanged for every $i + k < j$.
+# **The data.** The rest of the chapter works on chapter 00's arithmetic world: documents that state a problem, may
+# reason in steps, and give an answer, tokenised character by character. The corpus trains the models of section 4,
+# the validation documents score them, and the held-out problems are the prompts of section 5. Rows are
+# `SEQ_LEN` = 96 tokens long and packed with whole documents.
 
 # %%
 # At small scale the world's numbers are single digits (0-9), as in chapter 02: runs of a few hundred steps then get well
@@ -513,6 +776,17 @@ tok = world.tokenizer
 V = tok.vocab_size
 SEQ_LEN = 96
 
+# %% [markdown]
+# **Checked against a slow loop.** `mtp_targets` gets its targets and mask by slicing whole tensors, and a slice that
+# is off by one still has a plausible shape. The reference below walks a packed batch (8 validation documents, two
+# rows) position by position for depths 1 to 3, and finds the token to predict in another tensor: at position $i$ and
+# depth $k$ it is `input_ids[i + k + 1]`, the token $k + 1$ places ahead, counted only when it is a response token and
+# lies in the same document as position $i$, a condition the reference tests on the segments directly where the
+# vectorised code leaves part of it to `loss_mask`. Only at the row's last slot, where `input_ids` ends, does the
+# reference fall back on `targets`. Any disagreement, in a target or in a mask bit, counts as a mismatch; the check at
+# the end of the chapter requires zero.
+
+# %%
 small_batch = PackedData([d.text for d in world.validation(8)], tok, SEQ_LEN, 2, seed=0).batch(0)
 rows, T = small_batch["input_ids"].shape
 mtp_target_errors = 0
@@ -540,6 +814,16 @@ print(f"MTP targets and masks, depths 1-3, checked position by position: {mtp_ta
 # selection only), and the MTP modules of section 2, whose blocks are MoE layers too. `from_hf` reads a Hugging Face
 # transformers checkpoint of `DeepseekV3ForCausalLM` (the released weights' layout, one tensor per expert) with
 # safetensors alone.
+#
+# **One layer.** A V3 decoder layer is a pre-norm residual block, as in chapter 00, with MLA for attention and a
+# feed-forward block that depends on the layer's index $\ell$ (0-based):
+#
+# $$u = x + \mathrm{MLA}\big(\mathrm{RMSNorm}(x)\big), \qquad
+#   x' = u + \mathrm{FFN}_\ell\big(\mathrm{RMSNorm}(u)\big), \qquad
+#   \mathrm{FFN}_\ell = \begin{cases} \mathrm{SwiGLU}_{d_{ff}} & \ell < k \\ \mathrm{MoE} & \ell \ge k \end{cases}$$
+#
+# with $k$ = `first_k_dense_replace` (3 in V3). All shapes stay $(b, t, d)$. The layer's index is passed to `MLA`, which
+# uses it to find its slot in the latent cache.
 
 # %%
 #| export
@@ -558,7 +842,30 @@ class V3Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, mode)
         return x + self.ffn(self.ffn_norm(x))
 
+# %% [markdown]
+# **The model.** `DeepSeekV3` holds the embedding, $L$ `V3Block`s (dense below `first_k_dense_replace`, MoE above), the
+# final RMSNorm, the output head `lm_head`, and `mtp`, a list of $D$ `MTPModule`s whose blocks are MoE `V3Block`s. Its
+# parts, in the order of the code:
+#
+# - `forward` has the signature of chapter 00's `Transformer.forward` (positions and segments for packed rows, an
+#   optional mask, a cache, `logits_to_keep`), so `dslib.train`, `PackedData` and the generation loop work unchanged.
+#   With `return_hidden=True` it also returns $h$, the last layer's output *before* the final norm: the $h^0$ that
+#   module 1 reads, and normalises itself with `hnorm`.
+# - `mtp_logits` runs the chain of section 2 over a whole sequence and applies each module's `norm` and the shared
+#   head: a list of $D$ logit tensors, depth $k$ of shape $(b, T - k, V)$.
+# - `mtp_draft` is the incremental form that speculative decoding needs: new positions in, module 1's cache advanced,
+#   one greedy guess out.
+# - `new_cache` and `new_mtp_cache` give empty `MLACache`s for the main layers and for the MTP blocks. `mode` chooses
+#   how a cached forward attends, `"absorb"` (the weight-absorbed path of chapter 03) or `"naive"`; an uncached forward
+#   always takes the naive path.
+# - `generate` is chapter 00's decoding loop, borrowed as it is: it only asks the model for `new_cache`.
+# - `from_hf` loads a transformers checkpoint; the mapping is after the class.
+#
+# The linear and embedding weights are drawn from a normal distribution of standard deviation `initializer_range`
+# (0.02), and `tie_word_embeddings` (off in V3) would make the head and the embedding one matrix.
 
+# %%
+#| export
 class DeepSeekV3(nn.Module):
     """DeepSeek-V3 (arXiv 2412.19437, section 2): MLA attention in every layer, dense then DeepSeekMoE feed-forward
     layers, and D multi-token prediction modules (dslib.mtp) that share the embedding and the output head.
@@ -695,7 +1002,35 @@ class DeepSeekV3(nn.Module):
                              f"unexpected {unexpected[:5]}")
         return model
 
+# %% [markdown]
+# **From transformers' names to ours.** `from_hf` reads `config.json` with `V3Config.from_dict` (MTP forced off, since
+# those weights are not read), opens every `*.safetensors` file with `safe_open` (plain tensors, no pickled Python
+# objects, so no code runs on loading), and hands the tensors to `hf_to_dslib`, which renames them:
+#
+# | transformers (`DeepseekV3ForCausalLM`) | dslib (`DeepSeekV3`) |
+# |---|---|
+# | `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight` | `embed.weight`, `norm.weight`, `lm_head.weight` |
+# | `model.layers.{i}.input_layernorm.weight` | `layers.{i}.attn_norm.weight` |
+# | `model.layers.{i}.post_attention_layernorm.weight` | `layers.{i}.ffn_norm.weight` |
+# | `self_attn.q_a_proj`, `q_a_layernorm`, `q_b_proj` (or `q_proj` without query compression) | `attn.wq_a`, `q_norm`, `wq_b` (or `wq`) |
+# | `self_attn.kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj` | `attn.wkv_a`, `kv_norm`, `wkv_b`, `wo` |
+# | `mlp.gate.weight`, `mlp.gate.e_score_correction_bias` | `ffn.gate.weight`, `ffn.gate.e_score_correction_bias` |
+# | `mlp.shared_experts.*`, and a dense layer's `mlp.gate_proj` / `up_proj` / `down_proj` | `ffn.` + the same name |
+# | `mlp.experts.{e}.gate_proj.weight` for $e = 0, \dots, N_r - 1$ (likewise `up_proj`, `down_proj`) | `ffn.experts.gate_proj`, stacked to $(N_r, d_e, d)$ |
+# | `mlp.experts.gate_up_proj` (transformers' fused layout) | split in two along dim 1: `gate_proj`, `up_proj` |
+# | `model.layers.{L}.*` and above (the MTP layer) | skipped |
+#
+# Apart from the fused layout, each name maps to exactly one of ours, so the only real work is stacking: the
+# checkpoint stores one matrix per expert, our `Experts` one tensor per projection for all experts, and a layer whose
+# expert indices are not exactly $0, \dots, N_r - 1$ is refused. A name outside the layer's known parts raises, and
+# `from_hf` loads with `strict=False` only to raise its own error, naming the first missing and unexpected tensors, if
+# anything is left over on either side. Nothing is skipped in silence except the MTP layer. The released 671B
+# checkpoint itself is beyond this loader: its `config.json` asks for YaRN RoPE scaling, which `from_dict` refuses,
+# and its matrices are stored in FP8 beside scale tensors that no dslib parameter expects. It fails to load rather
+# than loading wrong.
 
+# %%
+#| export
 _HF_ATTENTION = {"q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
                  "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo"}
 
@@ -771,6 +1106,19 @@ count_ok = (total == model.num_params() and total_mtp == model.num_params(mtp=Tr
 print(f"V3-mini: {total:,} parameters ({active:,} activated; {total_mtp:,} with MTP); allocated: "
       f"{model.num_params():,} ({model.num_params(mtp=True):,} with MTP) -> {'equal' if count_ok else 'DIFFERENT'}")
 
+# %% [markdown]
+# The count check ties the formula of section 1 to the model as built: if `count_params` and the allocated model
+# disagree, one of them is not V3 as we described it. The activated count is checked by a second route, total minus
+# the $N_r - K_r$ routed experts per MoE layer that a token does not use, minus the embedding.
+#
+# **The cache.** Next, two random rows of 30 tokens, decoded with the latent cache in three kinds of step: a prefill of
+# 10 tokens into an empty cache, a chunk of 4 into a filled one (the case speculative decoding uses, with its two
+# positions $[t, d]$), then 16 single tokens. Concatenated, the logits must equal one uncached forward over all 30
+# positions, in both of chapter 03's decoding modes: `absorb` folds the up-projections into the query and the output,
+# `naive` decompresses the keys and values, and both read the same cache. Look for differences at the level of
+# float32 rounding; the chapter's checks require under $10^{-4}$.
+
+# %%
 ids = torch.randint(0, V, (2, 30))
 cache_errors = {}
 with torch.no_grad():
@@ -784,6 +1132,13 @@ with torch.no_grad():
 model.mode = "absorb"
 print("cached against full forward, max |difference|:", {k: f"{v:.1e}" for k, v in cache_errors.items()})
 
+# %% [markdown]
+# **The causal chain.** Change token $j = 20$ in both rows and run the main model and module 1 again. At depth 1,
+# position $i$ reads tokens up to $t_{i+1}$, so positions $i \le j - 2$ must not move at all, and position $j - 1$,
+# which embeds $t_j$ itself, must move. The check needs both halves: a leak below $10^{-5}$ alone would also be passed
+# by a module that ignores its input, and a large move alone by one that reads the future.
+
+# %%
 with torch.no_grad():
     _, h = model(ids, return_hidden=True)
     changed = ids.clone()
@@ -797,6 +1152,18 @@ causal_leak = (a[:, :j - 1] - b[:, :j - 1]).abs().max().item()  # h^1_i for i + 
 causal_moves = (a[:, j - 1] - b[:, j - 1]).abs().max().item()  # h^1_{j-1} reads t_j: it must change
 print(f"MTP causality: positions before the change moved by {causal_leak:.1e}; the position reading it by "
       f"{causal_moves:.2f}")
+
+# %% [markdown]
+# **Parity with an independent implementation.** The checks so far compare our code with itself and with our reading
+# of the paper. The strongest test of "our V3 is V3" is a model written by other people from the same report and the
+# released code: transformers' `DeepseekV3ForCausalLM`. The cell builds a small random one twice, once with
+# compressed queries (`q_lora_rank=24`) and once without (`None`), so both query paths of `MLA` are exercised. Its
+# router is initialised at zero, which would make every expert tie and hide a routing bug, so the cell first gives the
+# router and the experts random weights and the selection bias random values. The model is saved with
+# `save_pretrained`, read back with `DeepSeekV3.from_hf`, and both read the same two rows of 40 random tokens.
+# Agreement to float32 rounding then checks the name mapping above and, at once, every piece of the forward pass:
+# MLA with its decoupled RoPE, sigmoid scoring with group-limited top-k, the bias used for selection only, the
+# normalised and scaled gate weights, and the shared expert.
 
 # %%
 try:
@@ -834,6 +1201,11 @@ if HAVE_TRANSFORMERS:
           {f"q_lora_rank={k}": f"{v:.1e}" for k, v in parity_errors.items()})
 
 # %% [markdown]
+# What to look for: differences of order $10^{-7}$ to $10^{-6}$ are what float32 rounding between two orders of
+# summation produces, while a swapped projection or one wrongly chosen expert would move the logits by far more. The
+# ledger accepts under $10^{-4}$; without transformers the cell says it skipped the check, and the ledger row says so.
+
+# %% [markdown]
 # **FLOPs per token.** `flops_per_token` counts 6 FLOPs per activated parameter per token (forward and backward) plus
 # attention's scores and weighted sums. PyTorch's FLOP counter, run on one training step of V3-mini, counts the matrix
 # products that actually happen, routed experts included (with the per-expert dispatch: the counter does not see
@@ -860,6 +1232,12 @@ print(f"training FLOPs per token in matrix products: 6 x activated = {formula:,.
       f"(ratio {counted / formula:.3f}); attention adds {attention_term:,.0f} at context {SEQ_LEN}")
 
 # %% [markdown]
+# Look for a ratio close to 1 (the chapter's checks require 0.97 to 1.03). It says that $6 N_{\text{act}}$ is the
+# right training budget for an MoE model, routed experts included: the counter runs the real routing, and the experts
+# a token is not sent to cost it nothing. That is the economy of V3 in one number, and section 6 applies it at full
+# size.
+
+# %% [markdown]
 # ## 4. Training V3-mini, with and without MTP
 #
 # V3 reports (Table 4) that MTP improves the main model at equal cost: at inference the MTP modules are dropped, and
@@ -868,6 +1246,22 @@ print(f"training FLOPs per token in matrix products: 6 x activated = {formula:,.
 # data order, the same main-model compute and the auxiliary-loss-free bias of chapter 02 moving after every step. We
 # compare the main model's held-out next-token loss seed by seed (same seed, same data order, same initial main model),
 # and record the MTP module's own accuracy on the token after next.
+#
+# "The same main-model compute" needs a word. The main model is the same size in both runs and sees the same batches
+# for the same number of steps, but the MTP run does more work per step: module 1's block, its projection and a
+# second pass of the output head over $T - 1$ positions. Our comparison, like the paper's, is at equal *inference*
+# cost, not equal training cost. The held-out loss is the main model's next-token loss alone (`Trainer` scores with
+# `evaluate_loss`, the masked next-token loss without balance terms), so both runs are scored on the same quantity.
+#
+# Three pieces are defined first:
+#
+# - `MTPObjective` is a `Trainer` loss function for the MTP run: `mtp_loss` with $\lambda$ on V3's schedule, plus the
+#   complementary balance loss of every MoE layer (`moe_aux_loss`, chapter 02), MTP block included. It reads the step
+#   from the trainer, so it is given the trainer once that exists. V3 switches $\lambda$ after 10T of its 14.8T tokens,
+#   about two thirds of the run ($10 / 14.8 \approx 0.68$), and so do we, in steps.
+# - `plain_loss` is the same without MTP: the masked next-token loss plus the balance loss.
+# - `mtp_accuracy` measures module 1 directly: the share of counted depth-1 targets that its greedy guess gets right,
+#   a number with a meaning of its own (chance would be about $1/V$).
 
 # %%
 RUN = dslib.sized(small=dict(steps=250, batch=16, seeds=(0, 1)), full=dict(steps=3000, batch=64, seeds=(0, 1, 2)))
@@ -907,7 +1301,15 @@ def mtp_accuracy(m, batches) -> float:
     m.train()
     return right / max(1, count)
 
+# %% [markdown]
+# **The runs.** For each seed, one `PackedData` stream serves both variants, so they see identical batches in an
+# identical order. `torch.manual_seed(seed)` before each model makes the main models start from the same weights: the
+# MTP module is built after the main layers, so its random draws come after theirs. Both use chapter 00's `Trainer`
+# with a cosine schedule, and `update_bias` moves the routing bias of every MoE layer after each step with V3's
+# $\gamma$ = `bias_update_speed` (chapter 02). The cell prints the final held-out loss per seed and module 1's accuracy
+# on the token after next.
 
+# %%
 runs, models = {}, {}
 t0 = time.time()
 for seed in RUN["seeds"]:
@@ -946,17 +1348,34 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
+# **How to read the comparison.** Compare red with blue *within* a seed first: the two runs of one seed share their
+# data and their initial main model, so their gap is the effect of the objective plus training noise. Then compare
+# that gap with the spread between seeds of the same variant. A gap smaller than the spread, or one whose sign differs
+# between seeds, says nothing about MTP at this size; the ledger of section 7 counts the claim as reproduced only when
+# MTP is better on every seed and by more than the seed spread, and reports "not decided" when there is only one seed.
+# Keep the scale in mind either way: V3's Table 4 compares models of 15.7B and 228.7B total parameters on benchmarks,
+# and a 4-layer model with a character vocabulary has far less spare capacity for a second objective. The module's
+# accuracy on the token after next, printed above, is a separate question: whether the module learned its own task,
+# which section 5 needs.
+
+# %% [markdown]
 # ## 5. The MTP module as a speculative draft
 #
-# At inference V3 can keep its MTP module as a draft (section 5.4.3). Each step, the main model takes its own next
-# token $t$ and the module's guess $d$ for the token after it, both at once. If the main model, having read $t$,
-# predicts $d$ too, $d$ is kept and the main model's prediction after $d$ comes free: two tokens from one forward pass.
-# Otherwise $d$'s entry is dropped from the cache. The output is exactly greedy decoding; only the number of forward
-# passes changes. V3 reports that the second token is accepted 85-90% of the time, for 1.8x the tokens per second.
+# At inference V3 can keep its MTP module as a draft (section 5.4.3), by the procedure of section 2: each step the
+# main model reads its own next token $t$ and the module's guess $d$ for the token after it, both at once; if its
+# prediction after $t$ is $d$, the draft is accepted and the prediction after $d$ comes free, two tokens from one
+# forward pass; otherwise $d$'s cache entry is dropped. V3 reports that the second token is accepted 85-90% of the
+# time, for 1.8x the tokens per second.
 #
-# Greedy answers of a small base model are almost all bare (chapter 00), rigid text that is easy to guess two tokens
-# ahead. So we also measure the agreement teacher-forced on held-out documents of every style: at each position, does
-# the draft for the token after next equal what the main model predicts once it has read the next token?
+# The cell decodes the held-out prompts twice with the first MTP model, once with plain greedy `generate` and once
+# with `speculative_generate`, both with a KV cache and one sequence at a time, and records:
+#
+# - **identical output**: the plain answer, cut at its first `</answer>`, against the speculative one, token for token.
+#   By construction they are equal (up to the near ties of section 2); this tests the cache bookkeeping after a
+#   rejection;
+# - **acceptance**: accepted drafts over all drafts, pooled over the prompts;
+# - **tokens per forward pass** of the main model, which the identity of section 2 ties to acceptance, and the **wall
+#   time** ratio of the two decoders, which also pays for the extra work of each speculative step.
 
 # %%
 spec_model = models[("MTP", RUN["seeds"][0])].eval()
@@ -979,7 +1398,23 @@ for text in prompts:
     stats_all.append(st)
 acceptance = sum(s.accepted for s in stats_all) / max(1, sum(s.drafted for s in stats_all))
 
+# %% [markdown]
+# **Acceptance on text of every style.** Acceptance measured on the model's own greedy answers depends on what those
+# answers look like. Chapter 00's documents range from a bare answer to worked steps with guesses and corrected slips.
+# If the greedy answers are mostly bare, they are short, rigid text that is easy to guess two tokens ahead, and
+# acceptance on them alone would flatter the draft. So we also measure it teacher-forced, on held-out documents of
+# every style. At a counted position $i$ both predictors have read the same tokens $t_{\le i+1}$ of the document and
+# both guess $t_{i+2}$: module 1 from position $i$, the main model from position $i + 1$. With $m_i$ the depth-1 mask
+# of `mtp_targets`,
+#
+# $$\text{agreement} = \frac{\sum_i m_i \; \mathbb 1\!\left[\arg\max P^1_{i+2} = \arg\max P^{\text{main}}_{i+2}\right]}
+#   {\sum_i m_i},$$
+#
+# which is exactly the acceptance test of speculative decoding, applied to the document's text instead of the model's
+# own. Note what it does *not* ask: whether either guess is right. A draft is accepted when it agrees with the main
+# model, even when both are wrong, because speculative decoding reproduces the main model, not the data.
 
+# %%
 @torch.no_grad()
 def draft_agreement(m, batches) -> float:
     """Teacher-forced acceptance on documents of every style: the share of counted positions i where MTP module 1's
@@ -1005,9 +1440,18 @@ print(f"teacher-forced on held-out documents of every style (steps, guesses, 'wa
       f"model at {doc_agreement:.1%} of positions")
 
 # %% [markdown]
+# **What to look for.** The first line should read 48/48 at `small` scale (every prompt); anything less means the
+# cache was not rolled back correctly after a rejection, or a near tie flipped, and the chapter's checks fail. Tokens
+# per forward pass should sit just under $1 + a$, with $a$ the acceptance, by the identity of section 2 (exercise 6
+# proves the bound). The wall-time ratio is the one number here that depends on the machine: on a CPU and a 4-layer
+# model, a two-position step plus the MTP block costs a larger fraction of a plain step than in a 61-layer model
+# served on GPUs, so it can fall well short of tokens per forward pass, even below 1. Compare the two acceptance
+# figures with each other and with the paper's 85-90%: their gap shows how much easier the model's own greedy text
+# is to draft than documents of every style.
+#
 # **An explorer.** Pick a problem and step through speculative decoding: each produced token is marked as the main
 # model's own (no box), an accepted draft (green box), or the main model's correction after a rejected draft (red box,
-# with the rejected draft below it). Greedy answers of this model are mostly bare; start it with the first step of a
+# with the rejected draft below it). If the greedy answers you see are bare, start the model with the first step of a
 # worked solution written in (`start="first step given"`) to watch it draft through a step-by-step computation.
 
 # %%
@@ -1048,6 +1492,19 @@ explore(show_speculation, problem=(0, 47, 1), start=["first step given", "the qu
 
 # %% [markdown]
 # ## 6. Parameters and FLOPs, mini and full size
+#
+# The formulas of section 1, applied to three configurations: our V3-mini (without MTP), V2 and V3. The columns are
+# total and activated parameters, the activated *share* (what fraction of the model one token uses), and training
+# FLOPs per token from `flops_per_token`, at a context of `SEQ_LEN` for the mini and 4096 tokens for the full-size
+# models. The last line puts V3 next to a dense model of the same total size, trained on the same tokens.
+#
+# What the arithmetic says, before you run it: V3 activates about 5% of its parameters, so a token costs
+# $6 \times 36.6\text{B} \approx 220$ GFLOPs in its matrices, where a dense 671B model would cost about 4 TFLOPs, some 18
+# times more; over V3's 14.8T training tokens the matrices alone come to about $3.3 \times 10^{24}$ FLOPs. From V2 to V3
+# the share falls (6 of 160 routed experts and 2 shared, against 8 of 256 and 1) while the total nearly triples. The
+# mini's share is much larger: a token uses 4 of its 16 routed experts, and the attention and the dense layer, which
+# every token uses, are a larger part of a 4-layer model with 16 experts than of a 61-layer one with 256. The mini
+# checks V3's code; the proportions that make V3 cheap appear only in the full-size rows.
 
 # %%
 table = {"V3-mini (this chapter)": V3Config(vocab_size=V, max_position_embeddings=SEQ_LEN),
@@ -1063,6 +1520,14 @@ print(f"\nV3 trains {6 * v3_act / 1e9:.0f} GFLOPs per token in its matrices; a d
 
 # %% [markdown]
 # ## 7. Claims ledger
+#
+# Each row puts a claim of the papers next to this run's figure and a verdict: it holds, it does not, or this run
+# cannot decide. The rules are in the cell: the parameter counts must round to the published totals; parity must be
+# under $10^{-4}$ (undecided without transformers); MTP's gain holds only when the MTP run is better on every seed and
+# by more than the larger standard deviation across seeds (undecided with a single seed); the draft's teacher-forced
+# agreement is held against the paper's 85-90% range; and speculation counts as a speed-up when the main model
+# produces more than 1.5 tokens per forward pass, the hardware-free figure. A row that does not hold is a result as
+# well, and its note says what differs between our setting and the paper's.
 
 # %%
 loss_gain = float(final["plain"].mean() - final["MTP"].mean())
@@ -1109,17 +1574,240 @@ ledger.show()
 saved_to = ledger.save()
 
 # %% [markdown]
+# ## What you learned
+#
+# - **V3 as a configuration.** Twenty-eight named fields define the model. From them alone, `count_params` reproduces
+#   671B total and 37B activated for V3 and 236B and 21B for V2, and the count shows where V3's size lives: about 97%
+#   in routed experts, while a token's activated MoE width equals a dense layer's ($9 \times 2048 = 18432$).
+# - **Multi-token prediction** (V3, equations 21-25): module $k$ combines $\mathrm{RMSNorm}(h^{k-1}_i)$ with
+#   $\mathrm{RMSNorm}(\mathrm{Emb}(t_{i+k}))$ through $M_k$, runs one block and predicts $t_{i+k+1}$ with the shared head;
+#   the chain stays causal at every depth, and the loss $\frac{\lambda}{D}\sum_k \mathcal L^k$ trains the main model
+#   through the shared parts. The offsets and the document masks are where it breaks, so they are checked one position
+#   at a time.
+# - **DeepSeekV3 assembled** from chapters 00, 02 and 03, consistent with its own latent cache, causal in its MTP
+#   module, and loading transformers' checkpoints by renaming tensors and stacking the per-expert matrices, with
+#   parity of logits as the test that it computes V3's function.
+# - **A fair comparison** of training objectives: same data order and initial main model, judged at equal inference
+#   cost, against the spread between seeds.
+# - **Speculative decoding** with the MTP module: exact by construction under greedy decoding, acceptance as agreement
+#   with the main model (not with the data), and tokens per forward pass just under $1 + a$, an identity; the wall
+#   time also pays for the heavier step.
+#
+# **Next.** Chapter 05 leaves the architecture for training by reinforcement: GRPO, the algorithm of DeepSeekMath that
+# DeepSeek-R1-Zero and R1 are trained with, which scores a group of sampled answers against each other instead of
+# training a critic. It builds a batched rollout engine for any dslib model, rule-based rewards on the arithmetic world
+# and the GRPO trainer that chapters 06 to 08 use.
+#
 # ## Exercises
 #
-# 1. **Depth 2.** Train with `num_nextn_predict_layers=2`. How accurate is module 2 on the token three ahead, and does
-#    drafting two tokens per step (accept the second only if the first was accepted) raise the tokens per forward?
-# 2. **Parallel heads.** Replace the sequential modules with independent heads on $h^0$ (Gloeckle et al., 2024) and
-#    compare the depth-2 accuracy. Where does keeping the causal chain matter?
-# 3. **The paper's order.** The paper concatenates $[h; \mathrm{Emb}]$, the weights $[\mathrm{Emb}; h]$. Show that the
+# Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project). The solutions use the chapter's names, so
+# run them after the chapter.
+#
+# 1. ★★ **Depth 2.** Train with `num_nextn_predict_layers=2`. How accurate is module 2 on its target, and would
+#    drafting two tokens per step (accept the second only if the first was accepted) raise the tokens per forward pass?
+#
+#    <details><summary>Hint</summary>Section 4's loop, with the depth as a parameter; `mtp_logits(...)[k - 1]` and
+#    `mtp_targets(batch, k)` give depth $k$'s predictions and targets. For the second question, count the tokens a
+#    step yields when the first draft is rejected, when only the first is accepted, and when both are.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    def train_mtp(depth, seed=0, lam_early=0.3, lam_late=0.1):
+#        torch.manual_seed(seed)
+#        m = DeepSeekV3(V3Config(vocab_size=V, max_position_embeddings=SEQ_LEN, num_nextn_predict_layers=depth))
+#        objective = MTPObjective(RUN["steps"], lam_early, lam_late)
+#        tr = Trainer(m, PackedData(corpus, tok, SEQ_LEN, RUN["batch"], seed=seed),
+#                     TrainConfig(steps=RUN["steps"], lr=3e-3, warmup_steps=30, schedule="cosine",
+#                                 eval_every=RUN["steps"] // 5, seed=seed),
+#                     eval_batches=valid, device=device, loss_fn=objective,
+#                     after_step=lambda t, b: update_bias(t.model, t.model.config.bias_update_speed))
+#        objective.trainer = tr
+#        return m, tr.fit(progress=False)
+#
+#
+#    @torch.no_grad()
+#    def depth_accuracy(m, batches, k):
+#        m.eval()
+#        right = count = 0
+#        for b in batches:
+#            _, h = m(b["input_ids"], positions=b["positions"], segments=b["segments"], return_hidden=True)
+#            pred = m.mtp_logits(b["input_ids"], h, positions=b["positions"], segments=b["segments"])[k - 1]
+#            tk, mk = mtp_targets(b, k)
+#            right += int(((pred.argmax(-1) == tk) & mk).sum())
+#            count += int(mk.sum())
+#        return right / max(1, count)
+#
+#
+#    m2, history = train_mtp(2)
+#    print([depth_accuracy(m2, valid[:4], k) for k in (1, 2)], history["eval_loss"][-1])
+#    ```
+#    Module 2 is told $t_{i+1}$ and $t_{i+2}$ and predicts $t_{i+3}$, so it has all the information a next-token
+#    predictor would have; what it lacks is depth, since those two tokens reach it through one small block each where
+#    the main model would give them all $L$ layers. Expect it below module 1. With $D = 2$ each depth's loss also weighs
+#    $\lambda / 2$. For two drafts per step, feed $[t, d_1, d_2]$: a step yields 1 token if $d_1$ is rejected, 2 if only
+#    $d_1$ is accepted, 3 if both are, so tokens per forward pass approach $1 + a_1 + a_1 a_{2|1}$, with $a_{2|1}$ the
+#    acceptance of $d_2$ given that $d_1$ was accepted. It pays when $a_1 a_{2|1}$ outweighs the cost of a third
+#    position and a second module in every step.
+#    </details>
+#
+# 2. ★★★ **Parallel heads.** Replace the sequential modules with independent heads on $h^0$ (Gloeckle et al., 2024)
+#    and compare the depth-2 accuracy with exercise 1's module 2. Where does keeping the causal chain matter?
+#
+#    <details><summary>Hint</summary>A head is a `V3Block` and an `RMSNorm` that read $h^0$ alone, with no
+#    embedding of $t_{i+k}$; attach the heads to a model without MTP as an attribute, so that the `Trainer` optimises
+#    them with it, and write a loss function in the style of `mtp_loss`.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    import torch.nn as nn
+#    from dslib.transformer import RMSNorm, document_causal_mask
+#    from dslib.v3 import V3Block
+#
+#
+#    class ParallelHeads(nn.Module):
+#        def __init__(self, c, depth):
+#            super().__init__()
+#            self.blocks = nn.ModuleList(V3Block(c, k, moe=True) for k in range(depth))
+#            self.norms = nn.ModuleList(RMSNorm(c.hidden_size, c.rms_norm_eps) for _ in range(depth))
+#
+#        def logits(self, m, batch, h):
+#            cos, sin = m.rope(batch["positions"])
+#            mask = document_causal_mask(batch["segments"])
+#            out = []
+#            for k, (block, norm) in enumerate(zip(self.blocks, self.norms), start=1):
+#                n = h.shape[1] - k  # head k at position i predicts t_{i+k+1} from h^0_i alone
+#                out.append(m.lm_head(norm(block(h[:, :n], cos[:, :n], sin[:, :n], mask[..., :n, :n]))))
+#            return out
+#
+#
+#    def parallel_loss(m, batch, lam=0.3):
+#        logits, h = m(batch["input_ids"], positions=batch["positions"], segments=batch["segments"],
+#                      return_hidden=True)
+#        depth = [masked_lm_loss(lk, *mtp_targets(batch, k)) for k, lk in enumerate(m.heads.logits(m, batch, h), 1)]
+#        main = masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
+#        return main + lam / len(depth) * sum(depth) + moe_aux_loss(m)
+#
+#
+#    torch.manual_seed(0)
+#    mp = DeepSeekV3(V3Config(vocab_size=V, max_position_embeddings=SEQ_LEN))
+#    mp.heads = ParallelHeads(mp.config, 2)
+#    mp.heads.apply(mp._init)  # the main model's initialisation for the heads' linear layers
+#    tr = Trainer(mp, PackedData(corpus, tok, SEQ_LEN, RUN["batch"], seed=0),
+#                 TrainConfig(steps=RUN["steps"], lr=3e-3, warmup_steps=30, schedule="cosine", seed=0),
+#                 eval_batches=valid, device=device, loss_fn=parallel_loss,
+#                 after_step=lambda t, b: update_bias(t.model, t.model.config.bias_update_speed))
+#    tr.fit(progress=False)
+#    with torch.no_grad():
+#        b = valid[0]
+#        _, h = mp(b["input_ids"], positions=b["positions"], segments=b["segments"], return_hidden=True)
+#        tk, mk = mtp_targets(b, 2)
+#        pred = mp.heads.logits(mp, b, h)[1].argmax(-1)
+#        print("parallel head 2:", float(((pred == tk) & mk).sum() / mk.sum()))
+#    ```
+#    Head 2 at position $i$ must predict $t_{i+3}$ from $t_{\le i}$: it has to guess $t_{i+1}$ and $t_{i+2}$ on the way,
+#    so wherever the text branches (the digits of an answer) it averages over the branches, while the sequential
+#    module 2 is told which branch was taken. The chain matters most for speculative decoding: at drafting time the
+#    main model's next token is already known, and only the sequential module can use it.
+#    </details>
+#
+# 3. ★ **The paper's order.** The paper concatenates $[h; \mathrm{Emb}]$, the weights $[\mathrm{Emb}; h]$. Show that the
 #    two are the same model up to a permutation of $M_k$'s columns.
-# 4. **Batched speculation.** Extend `speculative_generate` to a batch, where rows accept different numbers of tokens.
-#    What does the cache need?
-# 5. **Count V3's MTP module.** With `count_params(..., mtp=True)`, where does the released checkpoint's 685B come from?
+#
+#    <details><summary>Hint</summary>Split $M_k$ into its left and right $d$ columns and write the product with
+#    a concatenated vector as a sum of two products.</details>
+#    <details><summary>Solution</summary>
+#
+#    With $a = \mathrm{RMSNorm}(\mathrm{Emb}(t_{i+k}))$ and $b = \mathrm{RMSNorm}(h^{k-1}_i)$,
+#    $M_k [a; b] = M_k^{(1)} a + M_k^{(2)} b = [M_k^{(2)}, M_k^{(1)}]\,[b; a]$, where $M_k^{(1)}$ and $M_k^{(2)}$ are
+#    the first and last $d$ columns. A checkpoint in the paper's order therefore loads into ours by swapping the two
+#    halves of `eh_proj.weight` along its input dimension; the norms are separate vectors and do not move. In code,
+#    with the V3-mini of section 3:
+#
+#    ```python
+#    mod, d = model.mtp[0], mini.hidden_size
+#    h_prev, e = torch.randn(1, 5, d), torch.randn(1, 5, d)
+#    W = mod.eh_proj.weight  # (d, 2d): columns :d act on the embedding, d: on h
+#    with torch.no_grad():
+#        ours = mod.eh_proj(torch.cat([mod.enorm(e), mod.hnorm(h_prev)], -1))
+#        paper = torch.cat([mod.hnorm(h_prev), mod.enorm(e)], -1) @ torch.cat([W[:, d:], W[:, :d]], 1).T
+#    print((ours - paper).abs().max())  # float32 rounding
+#    ```
+#    </details>
+#
+# 4. ★★★ **Batched speculation.** Extend `speculative_generate` to a batch, where rows accept different numbers of
+#    tokens. What does the cache need?
+#
+#    <details><summary>Hint</summary>`MLACache` has a single `length` for the whole batch, and RoPE needs each row's
+#    own positions. Must a rejected draft's slot be removed, or is it enough that nobody attends to it?</details>
+#    <details><summary>Solution</summary>
+#
+#    The simplest design keeps the shared `length` and never rolls it back: every step writes two positions for every
+#    row, and a row whose draft was rejected marks that slot as dead. Three things then become per row: a boolean list
+#    of live cache slots, turned into the `attn_mask` of each forward pass (shape $(b, 1, 2, \text{length} + 2)$, true
+#    for live slots and for the causal part of the two new positions); the RoPE positions, which are each row's count
+#    of kept tokens, passed as `positions`; and the statistics. The MTP cache needs the same treatment, and rows that
+#    reach `</answer>` can be dropped with `MLACache.select_rows`. Dead slots cost memory (at most one per step) but no
+#    copying; the alternative, per-row lengths with each row writing at its own offset, saves the memory and needs a
+#    cache whose `update` takes a length per row.
+#    </details>
+#
+# 5. ★ **Count V3's MTP module.** With `count_params(..., mtp=True)`, where does the released checkpoint's 685B come
+#    from?
+#
+#    <details><summary>Hint</summary>The module is one MoE layer plus $M_1$ and three norms, and the checkpoint's
+#    MTP layer also stores its own embedding and output head.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    full = V3Config.deepseek_v3()
+#    main, _ = count_params(full)
+#    with_mtp, _ = count_params(full, mtp=True)
+#    copies = 2 * full.vocab_size * full.hidden_size  # the MTP layer's embedding and head
+#    print(f"module {(with_mtp - main) / 1e9:.2f}B; file {(with_mtp + copies) / 1e9:.2f}B")
+#    ```
+#    The module is an MoE layer (187.1M of attention, 257 experts of 44.0M, a router: about 11.5B), plus $M_1$
+#    ($2d^2$ = 102.8M) and three norms: about 11.6B by `count_params`. With the stored copies of the embedding and the
+#    head (2 x 0.93B) the MTP layer holds about 13.5B, which rounds to the 14B quoted for it, and $671 + 14 = 685$.
+#    Summed before rounding, the file holds about 684.5B.
+#    </details>
+#
+# 6. ★ **Acceptance and tokens per forward pass.** Prove that tokens per forward pass is below $1 + a$ for every run of
+#    `speculative_generate`, and check it on section 5's statistics.
+#
+#    <details><summary>Hint</summary>Count what the prompt's forward pass yields, and what each later pass yields
+#    with and without an accepted draft.</details>
+#    <details><summary>Solution</summary>
+#
+#    The prompt's pass yields one token and drafts nothing; every later pass drafts once and yields one token, plus one
+#    when the draft is accepted (none extra if the accepted draft is the stop token, and truncation to
+#    `max_new_tokens` only removes tokens). So $F = D + 1$ and $\text{tokens} \le F + A$ per run, and pooled over $n$
+#    runs, $\text{tokens}/F \le 1 + A/(D + n) < 1 + A/D = 1 + a$.
+#
+#    ```python
+#    for s in stats_all:
+#        assert s.forwards == s.drafted + 1 and s.tokens <= s.forwards + s.accepted
+#    print(f"{tokens_per_forward:.3f} < {1 + acceptance:.3f}")
+#    ```
+#    </details>
+#
+# 7. ★★ **A control run.** Train the MTP variant with $\lambda = 0$ throughout. Its MTP loss then has no weight: is the
+#    main model's training exactly the plain run's?
+#
+#    <details><summary>Hint</summary>`train_mtp(1, lam_early=0.0, lam_late=0.0)` from exercise 1. Look for every
+#    path by which the MTP module's forward pass can still reach the main model's gradient.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    m0, h0 = train_mtp(1, lam_early=0.0, lam_late=0.0)
+#    print(h0["eval_loss"][-1], runs[("plain", 0)]["eval_loss"][-1])
+#    ```
+#    Almost, not exactly. The data, the order and the initial main model are the plain run's (the MTP module is drawn
+#    after the main layers), and $0 \times \mathcal L^1$ contributes no gradient. But `moe_aux_loss` sums the balance
+#    loss of *every* MoE layer, the MTP block's included, and that loss depends on the block's router scores, which
+#    depend on $h^0$ and on the shared embedding: with $\alpha = 0.0001$ a small gradient still reaches the main model.
+#    Expect the two runs to track each other closely; any gap between them is the size of the effect this control
+#    leaves unexplained, a useful yardstick for the gap between the plain and MTP runs of section 4.
+#    </details>
 #
 # ## Checks
 #

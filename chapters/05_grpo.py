@@ -32,9 +32,21 @@
 # 3. `dslib.grpo`: group advantages, the k3 KL estimator, the clipped objective with the normalisations of GRPO, Dr.
 #    GRPO and DAPO, and a GRPO trainer with a frozen reference model (section 3);
 # 4. experiments: k3 against the exact KL (section 4); the paper's unified view of SFT, RFT, DPO, PPO and GRPO as
-#    gradient coefficients (section 5); GRPO on the course's base model, where the reward rises within a minute
-#    (section 6); Dr. GRPO's length bias (section 7); groups whose rewards are all equal (section 8); the memory a
-#    critic would cost (section 9); an explorer of advantages and the clipped objective (section 10).
+#    gradient coefficients (section 5); GRPO on the course's base model, a short run whose reward, length and
+#    reflection curves you read (section 6); Dr. GRPO's length bias (section 7); groups whose rewards are all equal
+#    (section 8); the memory a critic would cost (section 9); an explorer of advantages and the clipped objective
+#    (section 10), and the claims ledger (section 11).
+#
+# **What you need.** Chapter 00 (the arithmetic world, its character-level tokenizer, the dense `Transformer` with its
+# KV cache, and the recipe of the base model) and chapter 03 (`MLATransformer`, which the rollout engine is checked
+# on). The RL side is built here from nothing: no earlier chapter has trained a policy. The base model is cached:
+# `python -m dslib.pretrained` builds it once (a few minutes on one CPU thread), and this chapter builds it itself
+# when it is missing. **How long.** The chapter is sized to run within its 3-minute budget at `small` scale on 2 CPU
+# cores once the base model is cached; `full` scale (one GPU) trains for 200 GRPO steps instead of 24.
+#
+# **Why it matters for DeepSeek.** DeepSeekMath introduced GRPO; DeepSeek-R1-Zero and DeepSeek-R1 are trained with
+# it. The three modules of this chapter are what chapters 06 (R1-Zero), 07 (R1) and 08 (distillation) import: every
+# RL run of the later chapters is a `GRPOTrainer`.
 #
 # **Papers.** DeepSeekMath (arXiv 2402.03300), section 4 (GRPO, equations 1-4 and Algorithm 1) and section 5.2.1 (the
 # unified paradigm); the critiques Dr. GRPO ("Understanding R1-Zero-like training", arXiv 2503.20783) and DAPO
@@ -111,6 +123,19 @@ CHAPTER_START = time.time()
 #
 # DeepSeekMath trained with $G = 64$, learning rate $10^{-6}$, $\beta = 0.04$, one policy update per batch of
 # rollouts ($\mu = 1$), batches of 1,024 outputs, and 144k chain-of-thought questions (section 4.2).
+#
+# Three policies appear in eq. 3, and keeping them apart is most of the work of implementing it:
+#
+# | symbol | what it is | where this chapter's code gets it |
+# |---|---|---|
+# | $\pi_\theta$ | the policy being trained | `rollout_logprobs(model, rollout)`, with gradients |
+# | $\pi_{\theta_{old}}$ | the policy that sampled this batch | the sampler's `Rollout.logprobs` (with $\mu = 1$: $\pi_\theta$'s, detached) |
+# | $\pi_{ref}$ | a frozen copy of the starting model | the same function on the copy, without gradients |
+#
+# Only $\pi_\theta$ receives gradients. $\pi_{\theta_{old}}$ enters through the ratio $\rho$, which keeps several
+# updates on one batch close to the sampler; $\pi_{ref}$ enters only through the KL term, which keeps the whole run
+# close to where it started. With $\mu = 1$, $\pi_\theta$ and $\pi_{\theta_{old}}$ are equal in value when the
+# gradient is taken (section 6 shows what that does to the logged loss).
 #
 # Everything here needs three pieces: fast sampling with log-probabilities, rewards, and the loss. We build them in that
 # order.
@@ -190,9 +215,36 @@ draw_ppo_vs_grpo()
 # The engine returns, for every sampled token, the log-probability under the distribution it was **actually drawn
 # from** (after temperature and top-p). GRPO needs exactly this for $\pi_{\theta_{old}}$ in the ratio. With top-p of 1
 # it equals what a teacher-forced forward pass at the same temperature gives, which we check below.
+#
+# **Why left padding.** Take two prompts of 7 and 4 tokens. Padded on the right, row 0's next token goes in column 7
+# and row 1's in column 4: every step would write to a different column in every row. Padded on the left, both
+# prompts end in column 6, the logits that predict the first new token are column 6 of every row, and step $i$ writes
+# column $7 + i$ everywhere. The price is that a padded row no longer starts at column 0, so the engine passes what the
+# model would otherwise infer from the column:
+#
+# | column | 0 | 1 | 2 | 3 | 4 | 5 | 6 |
+# |---|---|---|---|---|---|---|---|
+# | row 0 (7 tokens): position | 0 | 1 | 2 | 3 | 4 | 5 | 6 |
+# | row 1 (4 tokens): position | pad (0) | pad (0) | pad (0) | 0 | 1 | 2 | 3 |
+#
+# RoPE rotates by position, not by column, so row 1's tokens get the rotations they would get alone; the attention
+# mask hides the three pad keys from every real query, so no real token ever mixes in a pad's value.
+#
+# **Why a KV cache.** A decoder's keys and values at a position depend only on the tokens up to it, so they never
+# change once computed. The cache keeps them per layer (chapter 00's `KVCache` holds a (b, n_kv_head, max_len,
+# head_dim) tensor each for keys and values; MLA's cache of chapter 03 holds the latent and the shared RoPE key
+# instead), so the engine runs one *prefill* over the $P$ prompt columns and then the model on one new token per row
+# per step. A GRPO step samples $32 \times 8 = 256$ rows, and the cache turns each of their steps from a pass over the
+# whole sequence into a pass over one token.
 
 # %%
 #| default_exp grpo
+
+# %% [markdown]
+# The first export is the record a rollout returns. Its shapes: $b$ rows (prompts $\times$ $G$, one row per
+# completion), $P$ prompt columns and $N$ completion columns, where $N$ is the number of steps the longest row ran.
+# Two masks say which entries are real: `prompt_mask` (b, P) is False on the left padding, `mask` (b, N) is True from
+# the first new token up to and including the stop token. Every later sum over tokens is a sum under `mask`.
 
 # %%
 #| export sampling
@@ -249,6 +301,18 @@ class Rollout:
     def texts(self, tokenizer) -> list[str]:
         """The completions as text (pads dropped, the stop token kept)."""
         return [tokenizer.decode(row[m].tolist()) for row, m in zip(self.tokens, self.mask)]
+
+# %% [markdown]
+# Five helpers, each small enough to check by eye. `left_pad` right-aligns the prompts. `padded_attention` builds the
+# boolean mask (b, 1, t, past + t) that `Transformer.forward` accepts: causal, and blind to pad keys; on its own it
+# would leave a pad query with no key at all, and a softmax over nothing but $-\infty$ is NaN, so each pad query is
+# allowed to see itself. `positions_of` counts real tokens only (the table above). `context_limit` reads the model's
+# maximum length, so that a long prompt cannot silently overflow the cache. `top_p_filter` is nucleus sampling: it
+# keeps the smallest set $V_p$ of most likely tokens whose probability reaches $p$, and the token is then drawn from
+#
+# $$\pi_p(v) = \frac{\pi(v)}{\sum_{u \in V_p}\pi(u)} \quad (v \in V_p), \qquad \pi(v) = \mathrm{softmax}(z / T)_v,$$
+#
+# with $z$ the logits and $T$ the temperature. The log-probability the engine records is $\log\pi_p(v)$.
 
 # %%
 #| export sampling
@@ -315,6 +379,18 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 # %% [markdown]
 # The sampling loop. A finished row keeps stepping (the batch moves together) but writes padding and drops out of the
 # completion mask; the loop ends when every row has stopped or the length runs out.
+#
+# In order: one prefill over the padded prompts (the output head on the last column only, `logits_to_keep=1`); then,
+# per step, the next token of every row from $\pi_p$ with a seeded `torch.Generator` (the same seed gives the same
+# rollout, which the trainer's exact resume relies on), its log-probability, and a stop test. Rows that have stopped
+# leave the batch and the cache once a quarter of the rows is idle, so a batch of short answers does not pay for its
+# longest one; the random draw still covers all $b$ rows, so every live row receives the same random numbers either
+# way.
+#
+# **A pitfall this avoids.** With `top_p` below 1, $\pi_p$ is not the model's softmax: a teacher-forced pass gives
+# $\log\pi(v)$, the sampler $\log\pi_p(v) \ge \log\pi(v)$, and their ratio is not 1 even before any update. That
+# is why the engine records what it sampled from, and why the trainer samples with `top_p = 1`: then sampler and
+# teacher-forced pass describe the same distribution.
 
 # %%
 #| export sampling
@@ -415,6 +491,13 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
 # %% [markdown]
 # The teacher-forced side: one forward pass over prompt and completion gives $\log\pi_\theta(o_t\mid q, o_{<t})$ for
 # every completion token at once, with gradients. GRPO calls it for the policy being trained and for the reference.
+#
+# Two details decide whether these numbers are the right ones. The logits at column $j$ predict the token in column
+# $j + 1$, so the logits for the $N$ completion tokens are columns $P - 1$ to $P + N - 2$: the slice `width - 1:-1`.
+# And the policy that was sampled is $\mathrm{softmax}(z / T)$, so the log-probabilities are taken at the same
+# temperature; at $T = 1$ on one side and $T \ne 1$ on the other, the ratio $\rho$ would differ from 1 before any
+# update. `rollout_logprobs` adds bucketing: rows sorted by completion length and run in chunks, each cut to its own
+# longest completion, which changes the cost but not the numbers.
 
 # %%
 #| export sampling
@@ -502,6 +585,14 @@ def generate_uncached(model: torch.nn.Module, prompts: Sequence[Sequence[int]], 
 # 03's `MLATransformer`), with prompts of four lengths in one batch: (a) the engine's log-probabilities equal a
 # teacher-forced pass, (b) each padded row equals that row decoded alone with no padding at all, (c) the cached engine
 # draws the very same tokens as the uncached reference with the same seed.
+#
+# Each check guards one thing GRPO depends on. (a) is the ratio: with $\mu > 1$ the trainer divides by the engine's
+# log-probabilities, and if they differ from a teacher-forced pass, $\rho \ne 1$ at $\theta = \theta_{old}$ and the
+# clip acts on an error. (b) is the padding: a mistake in the positions or the mask shows up as a row that computes
+# something other than it would alone, which a comparison between two padded runs would not catch. (c) is the cache.
+# The models are random with a large initialisation (`init_std=0.3`), so that their distributions are not flat and an
+# error cannot hide in near-uniform probabilities. Look for errors at the level of float32 rounding
+# (around $10^{-6}$); the final checks require below $10^{-4}$.
 
 # %%
 def small_models(seed: int = 0) -> dict[str, torch.nn.Module]:
@@ -538,7 +629,13 @@ for name, m in small_models().items():
 # How much faster is the cache? On GRPO's own workload (32 prompts x 8 samples, 64 new tokens, the base model's shape),
 # a side-by-side run is in `benchmarks/rollout.py` (speeds are not asserted in chapters). Here we only count the work:
 # the uncached loop runs the whole sequence every step, so it processes about $P\cdot n + n^2/2$ token positions per
-# row against the engine's $P + n$.
+# row against the engine's $P + n$. Step $i$ of the uncached loop runs $P + i$ positions, so over $n$ steps
+#
+# $$\sum_{i=1}^{n} (P + i) = P n + \frac{n(n+1)}{2} \quad\text{against}\quad P + n,$$
+#
+# an identity, not a timing. The gap grows with the length of the completion, which is why it matters more for
+# DeepSeek-R1 (chains of "hundreds to thousands" of tokens) than here, and why the cache's size per token, the subject
+# of chapter 03's MLA, is a cost of RL as much as of serving.
 
 # %%
 P_avg, n_new = 14, 64
@@ -553,7 +650,15 @@ print(f"token positions processed per row, uncached / cached: {work_ratio:.1f}x 
 # neural reward model, so nothing to hack but the rules. Two safety properties matter when a policy writes the input: the
 # answer is parsed with a regular expression and compared as an integer (never `eval`), and a reward never raises on any
 # string, because one exception would stop a training run. Weights: 1 for a correct answer and 0.1 for the format, the
-# pre-study's recipe.
+# pre-study's recipe. The reward of completion $o_i$ of problem $q$ is
+#
+# $$r_i = 1.0 \cdot \mathbb 1[\text{the first } \texttt{<answer>} \text{ of } o_i \text{ equals } q\text{'s answer}]
+# + 0.1 \cdot \mathbb 1[o_i \text{ is } \textit{reasoning}\ \texttt{</think> <answer> N </answer>}],$$
+#
+# so it takes one of four values: 0, 0.1, 1 or 1.1. Only differences inside a group reach the gradient (section 3), so
+# the format term matters where the group disagrees about the format, and the accuracy term dominates where it
+# disagrees about the answer. The prompt ends with `<think>`, so the format asks the model to close the think tag, give
+# one integer in the answer tags, and stop; the engine stops at `</answer>`, a single token in this world.
 
 # %%
 #| export rewards
@@ -606,6 +711,13 @@ def style_of(completion: object) -> str:
         return "bare"
     return "reflects" if reflects(completion) else "steps"
 
+# %% [markdown]
+# `reflects` and `style_of` are not rewards: they are the measures that the trainer logs and section 6 reads, since
+# this world's transcripts come in three styles (an empty think, plain steps, and a guess followed by " wait " and a
+# recomputation). Next, `Rewards` turns named parts into one number per completion. A part that raises scores 0
+# rather than stopping the run, and a new part (chapter 07's language consistency) is one more entry in a dict, with
+# no change to the trainer.
+
 # %%
 #| export rewards
 RewardPart = Callable[[object, Problem], float]
@@ -653,6 +765,12 @@ class Rewards:
 # **Check** against the world's own documents: every style of worked solution is well formatted, and the accuracy
 # reward agrees with the document's own `correct` flag (slips leave wrong answers). A few hostile strings score 0
 # without raising; `tests/test_rewards.py` fuzzes many more with hypothesis.
+#
+# The world is the right referee because it wrote the documents: it knows each one's answer and whether a slip
+# corrupted it, independently of any regular expression. The hostile strings are what a policy under RL pressure can
+# produce: code in the answer tags (never evaluated, so it parses as no number), an overflowing float, control
+# characters, a doubled closing tag, a thousand opening tags. Look for `True`, and for 0 on the first three (the final
+# checks assert both); a doubled closing tag fails the format rule, though the number inside it can still be right.
 
 # %%
 import random as _random
@@ -672,9 +790,31 @@ print(f"{len(docs)} documents: rewards agree with the world's grading: {reward_a
 # %% [markdown]
 # ## 3. The objective: `dslib.grpo`
 #
-# **Advantages.** For each group, $(r_i - \bar r)/\mathrm{std}$. Dr. GRPO (section 3.1) points out that dividing by the
-# group's std up-weights questions whose rewards barely differ (too easy or too hard) and offers the mean-only form,
-# `scale="none"`. A group whose rewards are all equal has $A = 0$ either way: it teaches nothing.
+# Four pieces, in the order the trainer uses them: rewards become **advantages** within each group, the **k3
+# estimator** measures the distance to the reference per token, the **loss** combines the clipped ratio and the KL
+# with one of three normalisations, and the **trainer** runs Algorithm 1 around them. The option names follow TRL's
+# `GRPOConfig` where it has the same option, so a reader can carry a setting from one to the other: `loss_type`
+# ("grpo", "dr_grpo", "dapo"), `epsilon` and `epsilon_high`, `beta`, and for the advantages `scale` ("group" or
+# "none"), TRL's `scale_rewards`. Two differ in name only: our `group_size` is TRL's `num_generations`, our `mu` its
+# `num_iterations`.
+#
+# **Advantages.** With outcome supervision every token of completion $i$ shares one advantage (DeepSeekMath, section
+# 4.1.2). For a group of $G$ rewards $r_1, \dots, r_G$:
+#
+# $$\hat A_{i,t} = \frac{r_i - \bar r}{s + \epsilon_A}, \qquad \bar r = \frac1G\sum_{j=1}^G r_j, \qquad
+# s = \sqrt{\frac{1}{G-1}\sum_{j=1}^G (r_j - \bar r)^2}\quad (\texttt{scale="group"}),$$
+#
+# with $\epsilon_A = 10^{-4}$ so that a group of nearly equal rewards does not divide by zero. Dr. GRPO (section 3.1)
+# points out that dividing by the group's std up-weights questions whose rewards barely differ (too easy or too hard)
+# and its fix (section 3.2) keeps only the centring, $\hat A_{i,t} = r_i - \bar r$ (`scale="none"`). A group whose
+# rewards are all equal has $\hat A = 0$ either way: it teaches nothing.
+#
+# The layout is a convention the trainer and the function share: the $b = \text{prompts} \times G$ rewards arrive as
+# one vector (b,), and rows $gG$ to $gG + G - 1$ are the $G$ completions of prompt $g$, so `view(-1, G)` recovers the
+# groups. The std is the unbiased one ($G - 1$ in the denominator), as `torch.std` computes it; with $G = 8$ this makes
+# the advantages a factor $\sqrt{7/8} \approx 0.94$ of those with $G$ in the denominator, the same factor for every
+# group. All-equal groups are set to exactly 0, because the mean of equal floats can differ from them by a rounding
+# error, and that error divided by $s + \epsilon_A \approx 10^{-4}$ would be a small advantage that is not there.
 
 # %%
 #| export
@@ -728,6 +868,27 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 # **The KL estimator.** For tokens drawn from $\pi_\theta$, with $x = \pi_{ref}/\pi_\theta$: $k_1 = -\log x$ is unbiased
 # but often negative, $k_2 = (\log x)^2/2$ is never negative but biased, and $k_3 = x - \log x - 1$ is both unbiased
 # (since $\mathbb E[x] = 1$, $\mathbb E[k_3] = \mathbb E[k_1]$) and never negative ($x - 1 \ge \log x$).
+#
+# Both properties take one line each. At a fixed context, with $o \sim \pi_\theta$:
+#
+# $$\mathbb E[x] = \sum_o \pi_\theta(o)\,\frac{\pi_{ref}(o)}{\pi_\theta(o)} = \sum_o \pi_{ref}(o) = 1, \qquad
+# \mathbb E[k_1] = \sum_o \pi_\theta(o)\log\frac{\pi_\theta(o)}{\pi_{ref}(o)}
+# = \mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}],$$
+#
+# so $\mathbb E[k_3] = \mathbb E[x] - 1 + \mathbb E[k_1] = \mathbb D_{KL}$: unbiased. And $\log x \le x - 1$ for
+# every $x > 0$ (the logarithm is concave and $x - 1$ is its tangent at $x = 1$), so every single sample of $k_3$ is
+# $\ge 0$, with equality only where $\pi_\theta = \pi_{ref}$. This is what DeepSeekMath means by "guaranteed to be
+# positive" (eq. 4). $k_3 = k_1 + (x - 1)$ adds to $k_1$ a term with mean zero that moves against it, so it also has
+# a smaller variance when the two policies are close; section 4 measures all three.
+#
+# In code, both arguments are per-token log-probabilities (b, N), and $\log x$ = `ref_logprobs - logprobs`; working
+# in logs avoids dividing two small probabilities. Differentiated through `logprobs` as part of the loss, $\beta k_3$
+# contributes $\beta(1 - \pi_{ref}/\pi_\theta)$ to each token's gradient coefficient: the
+# $\beta(\pi_{ref}/\pi_\theta - 1)$ term of GRPO's row in the unified view of section 5, with the sign of a loss. A
+# short calculation with the same sums shows that, in expectation over $o \sim \pi_\theta$, this gradient is the
+# gradient of $\mathbb D_{KL}[\pi_{ref}\|\pi_\theta]$, the KL in the other direction: the value is an unbiased
+# estimate of one KL, the gradient pulls along another. Both vanish at $\pi_\theta = \pi_{ref}$, and near it they
+# agree to first order.
 
 # %%
 #| export
@@ -745,6 +906,26 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 # per token, so wrong answers drift longer; its fix divides the token sum by a constant, (completions x the maximum
 # length) ("dr_grpo"). DAPO (section 3.3) divides by the number of tokens in the batch ("dapo"), and raises the upper
 # clip (`epsilon_high`, "clip-higher") so that unlikely tokens can grow.
+#
+# Written out, with the per-token term $\ell_{i,t} = -\min\big(\rho_{i,t}\hat A_i,\ \mathrm{clip}(\rho_{i,t},
+# 1-\varepsilon, 1+\varepsilon_{high})\hat A_i\big) + \beta\, k_3(i,t)$ over the $n$ completions of the batch:
+#
+# $$\mathcal L_{grpo} = \frac1n\sum_{i=1}^n\frac{1}{|o_i|}\sum_{t=1}^{|o_i|}\ell_{i,t}, \qquad
+# \mathcal L_{dr\_grpo} = \frac{1}{n\,L_{max}}\sum_{i=1}^n\sum_{t=1}^{|o_i|}\ell_{i,t}, \qquad
+# \mathcal L_{dapo} = \frac{1}{\sum_i |o_i|}\sum_{i=1}^n\sum_{t=1}^{|o_i|}\ell_{i,t}.$$
+#
+# The first is eq. 3 with the sign flipped (a loss to minimise), and $L_{max}$ is `max_completion_length` (the
+# trainer passes `max_new_tokens`). Our "dapo" divides by the tokens of the one batch it sees; TRL distinguishes
+# "bnpo" (the tokens of the local batch) from "dapo" (the tokens of the whole accumulated batch, across processes),
+# and with one process and no accumulation the two are this formula.
+#
+# **Why the clip is one-sided.** The `min` picks the clipped term only where clipping *lowers* the objective: for
+# $\hat A > 0$ once $\rho > 1 + \varepsilon_{high}$, for $\hat A < 0$ once $\rho < 1 - \varepsilon$. There the
+# term is constant in $\theta$ and gives no gradient, so a token cannot be pushed further in the direction it has
+# already moved on this batch; in the other direction it is never clipped. The clip fraction the loss reports counts
+# exactly those tokens. DAPO's clip-higher ($\varepsilon_{high} = 0.28$ against $\varepsilon = 0.2$, section 3.1)
+# widens the room on the side where a token's probability grows, which matters most for tokens that start unlikely.
+# The explorer of section 10 draws the per-token objective against $\rho$.
 
 # %%
 #| export
@@ -841,6 +1022,21 @@ for loss_type in LOSS_TYPES:
 # the policy learns. `step_record` gathers what each step logs; the checkpoint plumbing (numbered `step-NNNNNN/`
 # folders, written atomically, resumed exactly: chapter 06 runs RL long enough to need it) is `dslib.checkpoint`'s
 # `StepCheckpoints`, so the trainer's cell holds only the algorithm and its loop.
+#
+# One step of `train_step`, with the shapes for the default configuration (32 problems, $G = 8$, so $b = 256$ rows):
+#
+# 1. `problems(step)`: 32 training problems, a pure function of (seed, step);
+# 2. `rollout`: each prompt repeated $G$ times, one batched `generate` call; `Rollout` tensors (256, N), with
+#    $N \le 64$;
+# 3. `Rewards.score` on the decoded texts: rewards (256,), then `group_advantages`: (256,);
+# 4. the reference's log-probabilities (256, N), without gradients, when $\beta > 0$ or `log_kl` asks for them;
+# 5. $\mu$ times: the policy's log-probabilities (256, N) with gradients, `grpo_loss`, backward, gradient clipping
+#    to norm 1, an Adam step;
+# 6. `step_record`: one dict of floats appended to `history`.
+#
+# DeepSeekMath's Algorithm 1 has an outer loop around this one: every so often it resets $\pi_{ref}$ to the current
+# policy and retrains the reward model on fresh samples (iterative RL, section 4.1.4). Rules need no retraining, and
+# this chapter's runs are short, so the reference stays the starting model throughout.
 
 # %%
 #| export
@@ -895,6 +1091,17 @@ class GRPOConfig:
         if not isinstance(self.log_kl, bool):
             bad("log_kl", "True or False is required")
 
+# %% [markdown]
+# The defaults differ from DeepSeekMath's in three places, each for the size of the model rather than the method: a
+# learning rate of $2 \times 10^{-4}$ instead of $10^{-6}$ (a 0.46M-parameter model trained for a few dozen steps,
+# not a 7B one), $G = 8$ instead of 64, and $\beta = 0$. With $\beta = 0$ the reference is not needed for the loss
+# at all; `log_kl=True` still runs it, one extra forward pass per step, so that the KL can be watched.
+#
+# Next, what a step logs. Most entries are plain means over the batch; three need a word. `entropy` is the mean of
+# $-\log\pi$ over the sampled tokens, a one-sample estimate of the policy's per-token entropy. `truncated` counts
+# completions that hit the length limit before `</answer>` (they cannot score accuracy). `all_equal` is the share of
+# groups whose rewards are all the same, which get $\hat A = 0$ and contribute nothing to the gradient.
+
 # %%
 #| export
 def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, texts: list[str], group_size: int,
@@ -915,6 +1122,15 @@ def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, t
             "all_equal": float((groups.max(-1).values == groups.min(-1).values).float().mean()),
             "kl": stats["kl"] if kl_logged else float("nan"), "clip_frac": stats["clip_frac"],
             "loss": float(loss.detach()), "grad_norm": float(grad_norm), "seconds": seconds}
+
+# %% [markdown]
+# The trainer itself. Read `train_step` first: it is the six steps above. Two lines in it carry the method's subtlety.
+# `old = lp.detach() if c.mu == 1 else roll.logprobs` makes the ratio exactly 1 when there is one update per batch
+# (TRL does the same), and otherwise compares each later update with the sampler. The rollout's seed,
+# `c.seed * 1_000_003 + self.step`, like the problems, depends only on (seed, step); together with the optimizer and
+# RNG states saved in each checkpoint, this is what lets `resume()` continue to the same numbers as an uninterrupted
+# run. `fit` checkpoints at step 0, every `checkpoint_every` steps, at the end, and on Ctrl-C; each checkpoint is
+# written before the optional evaluation `on_checkpoint` runs, so an evaluation that crashes loses no training.
 
 # %%
 #| export
@@ -1081,6 +1297,11 @@ def evaluate_policy(model: torch.nn.Module, world, problems: Sequence[Problem] |
 #
 # Random categorical distributions over 8 outcomes, policy $p$ and reference $q$ at growing distances. For each pair we
 # compute the exact $\mathrm{KL}(p\|q)$, and the three estimators on 4,000 samples from $p$.
+#
+# Sample means carry sampling noise, so the bias of $k_3$ is measured without it: `E_k3` is the exact expectation
+# $\sum_o p(o)\,k_3(o)$, which section 3's derivation says equals the KL up to float rounding. The sample means show
+# the rest: how far $k_2$ sits from the diagonal as the distributions move apart, how often a single $k_1$ sample is
+# negative (a per-token penalty that *rewards* moving away from the reference), and the smallest single $k_3$ sample.
 
 # %%
 def kl_estimators(n_pairs: int = 40, n_samples: int = 4000, seed: int = 0) -> dict[str, np.ndarray]:
@@ -1125,6 +1346,13 @@ plt.show()
 print(f"max |E[k3] - KL| over {len(kl['exact'])} pairs: {k3_bias:.1e}; k2's mean bias {k2_bias:+.3f}; k3 samples "
       f">= 0: {bool((kl['k3_min'] >= 0).all())}; k1 samples negative in up to {kl['k1_negative'].max():.0%}; "
       f"std of k3 / std of k1 (mean): {np.mean(kl['k3_std'] / kl['k1_std']):.2f}")
+
+# %% [markdown]
+# What to read in the printout. The first number is an identity checked in floating point: anything above about
+# $10^{-6}$ would mean `k3_kl` is not eq. 4's estimator (swapping its two arguments is the easy mistake). The last
+# number compares the spreads of the two unbiased estimators: below 1, $k_3$ reaches the same mean with less noise per
+# token. It is an average over all 40 pairs; the variance argument of section 3 is about pairs that are close, which
+# is where an RL run with a KL penalty stays.
 
 # %% [markdown]
 # ## 5. Experiment: the unified view (DeepSeekMath, section 5.2.1)
@@ -1227,11 +1455,21 @@ print(f"GRPO's expected coefficients vs an ideal critic's (r - E[r]): correlatio
       f"{float(np.corrcoef(coefs['GRPO'].numpy(), coefs['PPO (ideal critic)'].numpy())[0, 1]):.3f}")
 
 # %% [markdown]
-# What the picture says. SFT and RFT only ever push up (positive coefficients); online RFT too, but on the policy's
-# own samples. DPO, PPO and GRPO also push **down** on wrong answers. GRPO's group mean is a sampled stand-in for the
-# critic's baseline $\mathbb E_\pi[r]$: its expected coefficients line up with those of PPO with a perfect critic,
-# without training one (the std scaling only changes their size per question, and $\beta$ adds a pull toward the
-# reference).
+# What the picture shows, by construction of the coefficients: SFT and RFT only ever push up (their coefficients are
+# 1 or 0); online RFT too, but on the policy's own samples. DPO, PPO and GRPO can also push **down** on wrong
+# answers, because their coefficients are negative there.
+#
+# GRPO's group mean is meant as a sampled stand-in for the critic's baseline $\mathbb E_\pi[r]$. Without the std
+# scaling the relation is exact in expectation: for a fixed output $o_i$, averaging over the other $G - 1$ samples of
+# its group,
+#
+# $$\mathbb E\big[r_i - \bar r\big] = r_i - \frac{r_i + (G-1)\,\mathbb E_\pi[r]}{G} = \frac{G-1}{G}\big(r_i -
+# \mathbb E_\pi[r]\big),$$
+#
+# the ideal critic's advantage shrunk by a constant (the group mean includes $o_i$ itself). The std scaling changes the
+# size per question, and $\beta$ adds a pull toward the reference, so with both the relation is no longer exact: the
+# correlation printed under the plot says how close GRPO's expected coefficients stay to the ideal critic's here. A
+# value near 1 would mean the group does a critic's job on this question, without a critic to train.
 
 # %% [markdown]
 # ## 6. Experiment: GRPO on the course's base model
@@ -1259,9 +1497,13 @@ for s, v in base_sampled["by_style"].items():
 print("greedy styles:", {s: f"{v['share']:.0%}" for s, v in base_greedy["by_style"].items()})
 
 # %% [markdown]
-# Greedy decoding is almost always "bare" (the corpus's most common style), and bare answers are mostly wrong; among
-# sampled completions, the ones that guess, say " wait " and recompute are by far the most reliable. That is the
-# route GRPO can find.
+# Two things to read in this printout. Greedy decoding follows the corpus's most common style, and in this world's
+# corpus that is "bare" (an empty think, the answer at once): the greedy style line shows whether the base model does
+# the same. Then compare the accuracy by style among sampled completions. GRPO can only reinforce what it samples, so
+# the route it can find is the one that is both sampled often enough to appear in groups and right more often than
+# the others. If the reflective completions (a guess, " wait ", a recomputation) are right far more often than the
+# bare ones, a group with one reflective right answer and seven bare wrong ones gives the reflective tokens a large
+# positive advantage, and that is the route the run below should move toward.
 #
 # Now GRPO with the pre-study's recipe: 32 problems x G = 8 completions per step, at most 64 new tokens, reward 1 for
 # a correct answer + 0.1 for the format, group-std advantages, clip 0.2, one update per batch, Adam at 2e-4,
@@ -1309,23 +1551,39 @@ print(f"training reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}; los
       f"fraction max {max(hist['clip_frac']):.3f}; KL to reference {hist['kl'][-1]:.3f} at the end")
 
 # %% [markdown]
-# Read the curves together. The reward rises within a minute, and so do length and the share of " wait ": the
-# policy moves toward the guess-wait-recompute route that the base model already executes reliably (chapter 06 runs
-# this longer and looks at it as R1-Zero's "aha moment"). The **loss stays near zero** the whole time: with one update
-# per batch, $\pi_\theta = \pi_{\theta_{old}}$ when the gradient is taken, every ratio is 1, and the loss is minus the
-# mean advantage, which group normalisation makes (almost) zero. Its gradient,
-# $-\frac1G\sum_i \hat A_i\nabla\log\pi(o_i)$, is not zero. For the same reason the **clip never activates** with
-# $\mu = 1$. And the share of groups with all-equal rewards grows as the policy gets better: those groups give no
-# gradient (section 8).
+# Read the curves together. If the policy moves toward the guess-wait-recompute route, the reward, the response length
+# and the share of " wait " rise together, since that route is longer than a bare answer (chapter 06 runs this longer
+# and looks at it as R1-Zero's "aha moment"). If the reward rises while the share of " wait " does not, the policy has
+# found another route; the accuracy by style in `after["by_style"]` says which.
+#
+# Two curves behave as they do by construction. The **loss stays near zero**: with one update per batch,
+# $\pi_\theta = \pi_{\theta_{old}}$ when the gradient is taken, every ratio is 1, and the loss is minus the mean
+# advantage, which group normalisation makes (almost) zero. Its gradient, $-\frac1G\sum_i \hat A_i\nabla\log\pi(o_i)$
+# (averaged per completion over its tokens), is not zero. For the same reason the **clip never activates** with
+# $\mu = 1$; the final checks assert both. The share of groups with all-equal rewards is the curve to watch for
+# waste: those groups give no gradient (section 8), and as the policy gets more problems right, more groups are all
+# right. The KL to the reference (logged, not penalised, since $\beta = 0$) says how far the policy has moved; section
+# 4's estimator keeps every per-token value of it non-negative.
 
 # %% [markdown]
 # ## 7. Experiment: Dr. GRPO's length bias
 #
 # The same run with `loss_type="dr_grpo"` (the token sum divided by a constant), same seed, same problems. Dr. GRPO
 # predicts that under "grpo" **wrong** answers get longer (a long wrong answer is penalised less per token), while
-# "dr_grpo" removes that pull. (Its logged loss is not near zero: dividing by a constant weighs each completion's
-# advantage by its length, so the loss is minus the covariance of advantage and length over the maximum length.
-# Adam makes the overall scale of the gradient irrelevant, so the learning rate needs no change.)
+# "dr_grpo" removes that pull. (Its logged loss is not zero by construction: dividing by a constant weighs each
+# completion's advantage by its length, so the loss is minus the within-group covariance of advantage and length over
+# the maximum length. Adam makes the overall scale of the gradient irrelevant, so the learning rate needs no change.)
+#
+# Where the bias comes from, in one line. At $\rho = 1$ and $\beta = 0$, the gradient of $\mathcal L_{grpo}$ with
+# respect to the log-probability of one token of completion $i$ is $-\hat A_i / (n\,|o_i|)$, and that of
+# $\mathcal L_{dr\_grpo}$ is $-\hat A_i / (n\,L_{max})$. Under "grpo" a wrong answer's push-down is shared among its
+# tokens, so each token of a long wrong answer is lowered less than each token of a short one, and long wrong answers
+# lose probability more slowly; right answers, for the same reason, gain more per token when they are short. Under
+# "dr_grpo" every token of every completion has the same weight.
+#
+# Here the effect competes with a larger one: if the policy moves to the longer reflective style, right and wrong
+# answers both grow, under either loss. So compare the two runs with each other, not with the base model: the claim
+# is that wrong answers end longer under "grpo" than under "dr_grpo".
 
 # %%
 dr_model = copy.deepcopy(policy)
@@ -1366,8 +1624,11 @@ print("held-out length of wrong answers (tokens): " + ", ".join(f"{k} {v:.1f}" f
 print("training batches, last 10 steps, wrong answers: " + ", ".join(f"{k} {v:.1f}" for k, v in train_wrong.items()))
 
 # %% [markdown]
-# The mechanism, isolated from training noise: the weight that one token of a wrong answer ($A = -1$) gets in the
-# gradient, as a function of its completion's length, from autograd on `grpo_loss`.
+# If the two runs do not separate in this many steps, the mechanism is still there, and it can be isolated from
+# training noise: the weight that one token of a wrong answer ($A = -1$) gets in the gradient, as a function of its
+# completion's length, from autograd on `grpo_loss`. By the line above the "grpo" curve is $1/|o|$ and the "dr_grpo"
+# curve flat at $1/L_{max}$, so the ratio printed below for 8 against 56 tokens is $56/8 = 7$ by construction: the
+# plot checks the implementation against that identity, it does not discover it.
 
 # %%
 lengths_axis = np.arange(1, 65)
@@ -1399,6 +1660,13 @@ print(f"under grpo a token of an 8-token wrong answer is pushed down {bias_ratio
 # If all $G$ completions of a question score the same (all right, or all wrong), every advantage in the group is 0,
 # and so is the group's gradient, whatever the loss type. Measured on one real batch: the gradient of the loss of the
 # all-equal groups alone, and of the whole batch with those groups removed, against the whole batch.
+#
+# With $\beta = 0$ every token term of such a group is $-\min(\rho \cdot 0, \mathrm{clip}(\rho) \cdot 0) = 0$
+# whatever $\theta$ is, so the first gradient is exactly zero, not merely small. The second comparison needs one
+# correction: "dapo" divides by the number of tokens in the rows it is given, so the loss over the remaining rows is
+# rescaled by their share of the batch's tokens before it is compared with the full batch's. (With $\beta > 0$ the
+# all-equal groups would still contribute their KL term: they teach nothing about the reward, but they still hold the
+# policy near the reference.)
 
 # %%
 probe = GRPOTrainer(copy.deepcopy(grpo_model), world, GRPOConfig(seed=1))
@@ -1430,8 +1698,10 @@ print(f"share of all-equal groups during the GRPO run: first 5 steps {all_equal_
       f"{all_equal_end:.0%}")
 
 # %% [markdown]
-# Half a batch can be idle: rollouts were paid for, and nothing is learnt from them. DAPO's **dynamic sampling**
-# (section 3.2) over-samples and keeps only groups with mixed rewards; exercise 3 asks you to add it.
+# Read the two printed shares against each other. Every all-equal group is $G$ rollouts that were paid for and teach
+# nothing; if the share is higher in the last steps than in the first, the run wastes more of each step as it
+# improves, because a group of a solved problem is all right. DAPO's **dynamic sampling** (section 3.2) over-samples
+# and keeps only groups with mixed rewards, $0 < \#\text{correct} < G$; exercise 3 asks you to add it.
 #
 # ## 9. No critic: the memory it saves
 #
@@ -1439,6 +1709,13 @@ print(f"share of all-equal groups during the GRPO run: first 5 steps {all_equal_
 # GRPO does not. We count the training state of both on our model, in float32 with Adam (weights, gradients and two
 # moments for each trained model; weights only for frozen ones), by building the models and counting their tensors.
 # The critic is the same transformer with a one-number head.
+#
+# The answer is nearly fixed by that bookkeeping. With $P$ the policy's parameters and a critic of about the same size,
+# GRPO holds $4P$ (the trained policy) $+ P$ (the frozen reference), PPO $4P + 4P + P$: a ratio of about $5/9 \approx
+# 56\%$, a little higher because the critic's one-number head is smaller than the vocabulary head it replaces. Rule
+# rewards need no reward model in either column; with a neural reward model, both would add one frozen copy. The
+# memory is not the whole saving: PPO also runs the critic forward and backward on every token of every rollout, and
+# has a second model's training to keep stable.
 
 # %%
 def trained_bytes(m: torch.nn.Module) -> int:
@@ -1466,6 +1743,11 @@ print(f"training state: GRPO {memory['GRPO'] / 1e6:.2f} MB, PPO {memory['PPO'] /
 # Type the $G$ rewards of a group: the advantages under each scaling. The sliders set $\varepsilon$ (and DAPO's upper
 # $\varepsilon_{high}$) and $\beta$: the per-token objective as a function of the ratio $\pi_\theta/\pi_{old}$ for a
 # positive and a negative advantage, with the k3 penalty when $\pi_{ref} = \pi_{old}$.
+#
+# Things to try: seven right answers and one wrong (`1, 1, 1, 1, 1, 1, 1, 0`), where the std scaling gives the lone
+# wrong answer a large negative advantage; all equal rewards, where both bars vanish; $\varepsilon_{high} >
+# \varepsilon$, where the flat part of the $A = +1$ curve moves right while the $A = -1$ curve keeps its clip at
+# $1 - \varepsilon$; and a large $\beta$, which bends both curves down away from ratio 1.
 
 # %%
 def show_objective(rewards="1, 0, 0, 1, 0, 0, 0, 0", epsilon=0.2, epsilon_high=0.2, beta=0.04):
@@ -1550,11 +1832,21 @@ saved_to = ledger.save()  # _build/ledger/05.json: `python -m dslib.book ledger`
 # ## What this chapter measured
 #
 # GRPO is PPO with the critic replaced by the group: sample $G$ answers, score them by rules, and push each answer's
-# tokens up or down by how much better it did than its siblings. On the course's base model that moves the policy,
-# within a minute on one CPU thread, from its habitual bare guesses to the "guess, wait, recompute" route that it already
-# executed well; the reward, the length and the reflection rate rise together. The logged loss says nothing (it is
-# zero by construction), the clip never acts with one update per batch, and the groups that all agree are wasted
-# rollouts, more of them as the policy improves. The figures, as measured in this run:
+# tokens up or down by how much better it did than its siblings. What you built and checked:
+#
+# - a rollout engine whose padded, cached, batched rows compute what each row would alone, and whose log-probabilities
+#   are those of the distribution it sampled from (section 1);
+# - rule rewards that parse, never evaluate, and never raise (section 2);
+# - group advantages, the k3 estimator (unbiased and never negative, by two one-line identities), and the clipped loss
+#   with GRPO's, Dr. GRPO's and DAPO's normalisations, each against a slow loop (sections 3 and 4);
+# - a trainer that runs DeepSeekMath's Algorithm 1 with rules in place of the reward model, with numbered
+#   checkpoints and an exact resume (which chapter 06 uses).
+#
+# Some things hold by construction, and the checks assert them: the logged loss is near zero and the clip never acts
+# with one update per batch, groups that all agree give no gradient, and "grpo" weighs a token of a wrong answer by
+# $1/|o|$. The rest is measured, and the table below is this run's: whether the policy moved from bare guesses toward
+# the "guess, wait, recompute" route, whether the reward, the length and the reflection rate rose together, whether
+# wrong answers ended longer under "grpo" than under "dr_grpo", and how the share of all-equal groups changed.
 
 # %%
 closing = {
@@ -1575,51 +1867,118 @@ for k, v in closing.items():
     print(f"{k:<58} {v}")
 
 # %% [markdown]
+# **Next.** Chapter 06 runs this trainer as DeepSeek-R1-Zero did: RL straight from the base model with rule rewards
+# only, long enough to checkpoint, and with the instruments to look for the "aha moment": pass@k and cons@k, the
+# reflection rate per response and per problem, and code that finds a wrong guess corrected after " wait ". It also
+# asks where the behaviour comes from, by running the same recipe on a base model whose corpus favours plain steps.
+#
 # ## Exercises
 #
 # Difficulty: ★ (a few minutes), ★★ (an experiment), ★★★ (a small project).
 #
-# 1. ★★ **More updates per batch.** Set `mu=4` (DeepSeekMath's iterative setting). Now the ratio moves away from 1:
-#    log the clip fraction and the loss. Does the reward rise faster per rollout? Per second?
+# 1. ★★ **More updates per batch.** Set `mu=4`: the inner loop of DeepSeekMath's Algorithm 1, which the paper ran
+#    with $\mu = 1$. Now the ratio moves away from 1: log the clip fraction and the loss. Does the reward rise faster
+#    per rollout? Per second?
 #
 #    <details><summary>Hint</summary>With mu > 1 the trainer compares against the sampler's log-probabilities
-#    (`roll.logprobs`), so the second to fourth updates see ratios other than 1 and the clip can act.</details>
+#    (`roll.logprobs`), so the second to fourth updates see ratios other than 1 and the clip can act. The history
+#    keeps the loss and clip fraction of the last of the four updates.</details>
 #    <details><summary>Solution</summary>
 #
 #    ```python
 #    t4 = GRPOTrainer(copy.deepcopy(policy), world, GRPOConfig(steps=RL["steps"], mu=4, seed=0))
 #    h4 = t4.fit()
-#    print(max(h4["clip_frac"]), np.mean(h4["reward"][-5:]), sum(h4["seconds"]))
+#    print(max(h4["clip_frac"]), np.mean(h4["loss"]), np.mean(h4["reward"][-5:]))
+#    plt.plot(np.cumsum(hist["seconds"]), hist["reward"], label="mu = 1")
+#    plt.plot(np.cumsum(h4["seconds"]), h4["reward"], label="mu = 4")
+#    plt.xlabel("seconds")
+#    plt.legend()
+#    plt.show()
 #    ```
-#    Expect a clip fraction above 0 and a loss away from 0 (the ratio now moves). Each batch of rollouts is used four times, so
-#    the reward per rollout can rise faster; each step costs about four backward passes more, so compare the reward
-#    against `np.cumsum(h4["seconds"])` too before calling it faster.
+#    Expect a clip fraction above 0 and a loss away from 0: after the first update $\pi_\theta \ne \pi_{\theta_{old}}$,
+#    and the clip starts to hold back the tokens that have already moved by more than $\varepsilon$. Each batch of
+#    rollouts is used four times, so the reward per rollout can rise faster; each step costs three more forward and
+#    backward passes, so read the plot against seconds before calling it faster. Rollouts dominate a step's cost when
+#    completions are long, which is when reusing them pays most.
 #    </details>
 #
-# 2. ★★ **The KL anchor.** Rerun section 6 with `beta=0.04` and `beta=0.2`. Plot the k3 KL and the held-out accuracy.
-#    What does the pre-study's "beta = 0.02 changed nothing" mean in terms of the KL you measure?
+# 2. ★★ **The KL anchor.** Rerun section 6 with `beta=0.04` (DeepSeekMath's value) and `beta=0.2`. Plot the k3 KL
+#    and the held-out accuracy. Suppose $\beta = 0.02$ makes no visible difference to the reward curve: what does the
+#    KL you measure say about why?
 #
 #    <details><summary>Hint</summary>The penalty per token is beta times k3; compare it with the size of an advantage
 #    (about 1).</details>
 #    <details><summary>Solution</summary>
 #
-#    Run `GRPOConfig(steps=RL["steps"], beta=b, seed=0)` for each `b` and plot `history["kl"]`. With a KL of order
-#    0.1 per token (compare the end of section 6's KL curve), beta = 0.02 adds a penalty near 0.002 per token against
-#    advantages of order 1: too small to change the direction of the update, which is what "changed nothing" means. A large beta keeps the
-#    KL lower and slows the rise of the reward, trading progress for staying near the reference.
+#    ```python
+#    runs = {}
+#    for b in (0.04, 0.2):
+#        t = GRPOTrainer(copy.deepcopy(policy), world, GRPOConfig(steps=RL["steps"], beta=b, seed=0))
+#        runs[b] = (t.fit(), evaluate_policy(t.model, world, temperature=1.0, seed=0))
+#    plt.plot(hist["step"], hist["kl"], label=f"beta 0: accuracy {after['accuracy']:.0%}")
+#    for b, (h, ev) in runs.items():
+#        plt.plot(h["step"], h["kl"], label=f"beta {b}: accuracy {ev['accuracy']:.0%}")
+#    plt.ylabel("k3 KL to the reference")
+#    plt.legend()
+#    plt.show()
+#    ```
+#    The KL term's gradient coefficient is $\beta(\pi_{ref}/\pi_\theta - 1)$ against an advantage of order 1. If the
+#    KL at the end of section 6 is of order 0.1 per token, the ratio $\pi_{ref}/\pi_\theta$ is typically within a few
+#    tens of percent of 1, and $\beta = 0.02$ contributes a coefficient of order 0.01: too small to change the
+#    direction of the update, which is what "no visible difference" means. A large $\beta$ should keep the KL curve
+#    lower and slow the rise of the reward, trading progress for staying near the reference.
 #    </details>
 #
 # 3. ★★★ **Dynamic sampling.** Add DAPO's dynamic sampling to `GRPOTrainer`: sample more problems than needed, drop
-#    the groups with all-equal rewards, and fill the batch with the others. Compare the reward per second.
+#    the groups with all-equal rewards, and fill the batch with the others. Compare the accuracy per second.
 #
 #    <details><summary>Hint</summary>Subclass `GRPOTrainer` and override `train_step`; a `Rollout` is a dataclass of
-#    tensors whose first dimension is the row, so a subset of rows is `Rollout(*(t[rows] for t in ...))`.</details>
+#    tensors whose first dimension is the row, so a subset of rows is a new `Rollout` of each field indexed by the
+#    rows. `fit` reads `reward`, `accuracy` and `length` from the dict that `train_step` returns.</details>
 #    <details><summary>Solution</summary>
 #
-#    Roll out twice the prompts, score them, compute `groups = rewards.view(-1, G)` and keep the rows of the first
-#    `prompts_per_step` groups with `groups.max(-1).values > groups.min(-1).values`; build the smaller `Rollout` from
-#    those rows (prompt ids and mask, tokens, log-probs, mask) and take the loss on it. Rollouts now cost about twice as
-#    much, but no group is wasted; the gain per second grows as the share of all-equal groups grows (section 8).
+#    ```python
+#    class DynamicGRPO(GRPOTrainer):
+#        def train_step(self):
+#            c, G = self.config, self.config.group_size
+#            t0 = time.time()
+#            problems = self.problems(self.step) + self.problems(10**6 + self.step)  # twice the prompts
+#            roll, texts = self.rollout(problems, seed=c.seed * 1_000_003 + self.step)
+#            scores = self.rewards.score(texts, [p for p in problems for _ in range(G)])
+#            rewards = torch.tensor(scores["total"], device=self.device)
+#            groups = rewards.view(-1, G)
+#            keep = torch.nonzero(groups.max(-1).values > groups.min(-1).values)[:c.prompts_per_step, 0]
+#            rows = (keep[:, None] * G + torch.arange(G, device=self.device)).flatten()
+#            sub = Rollout(roll.prompt_ids[rows], roll.prompt_mask[rows], roll.tokens[rows], roll.logprobs[rows],
+#                          roll.mask[rows])
+#            adv = group_advantages(rewards[rows], G, c.scale)
+#            lp = rollout_logprobs(self.model, sub, c.temperature)
+#            loss = grpo_loss(lp, lp.detach(), None, adv, sub.mask, epsilon=c.epsilon, beta=0.0,
+#                             loss_type=c.loss_type, max_completion_length=c.max_new_tokens)
+#            self.optimizer.zero_grad(set_to_none=True)
+#            loss.backward()
+#            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+#            self.optimizer.step()
+#            self.step += 1
+#            rec = {"step": self.step, "reward": float(rewards.mean()), "accuracy": float(np.mean(scores["accuracy"])),
+#                   "length": float(roll.lengths.float().mean()), "kept_groups": len(keep),
+#                   "seconds": time.time() - t0}
+#            for k, v in rec.items():
+#                self.history.setdefault(k, []).append(v)
+#            return rec
+#
+#
+#    hd = DynamicGRPO(copy.deepcopy(policy), world, GRPOConfig(steps=RL["steps"], seed=0)).fit()
+#    plt.plot(np.cumsum(hist["seconds"]), hist["accuracy"], label="GRPO")
+#    plt.plot(np.cumsum(hd["seconds"]), hd["accuracy"], label="with dynamic sampling")
+#    plt.xlabel("seconds")
+#    plt.legend()
+#    plt.show()
+#    ```
+#    `problems(10**6 + step)` draws a second, different set of training problems for the same step, so the run stays a
+#    pure function of (seed, step). Rollouts now cost about twice as much, but every kept group has a non-zero
+#    advantage; `hd["kept_groups"]` shows how many of the 64 groups qualified. Expect dynamic sampling to pay per
+#    second only once the share of all-equal groups is large (section 8), and to cost time while it is small.
 #    </details>
 #
 # 4. ★ **Mean-only advantages.** Train with `scale="none"`. Which groups lose weight compared with the std-scaled
@@ -1633,10 +1992,12 @@ for k, v in closing.items():
 #    one, half = torch.tensor([1.0] + [0.0] * 7), torch.tensor([1.0] * 4 + [0.0] * 4)
 #    for r in (one, half):
 #        print(group_advantages(r, 8)[0].item(), group_advantages(r, 8, scale="none")[0].item())
+#    h_none = GRPOTrainer(copy.deepcopy(policy), world, GRPOConfig(steps=RL["steps"], scale="none", seed=0)).fit()
 #    ```
 #    Dividing by the std inflates groups whose rewards barely differ (one right out of eight: std 0.35, so the right
-#    answer's advantage grows from 0.875 to about 2.5), while a balanced group (std 0.53) changes less. Mean-only
-#    advantages (Dr. GRPO) stop up-weighting the nearly solved and the nearly hopeless questions.
+#    answer's advantage grows from 0.875 to about 2.5), while a balanced group (std 0.53) grows less (0.5 to about
+#    0.94). Mean-only advantages (Dr. GRPO) stop up-weighting the nearly solved and the nearly hopeless questions. With
+#    Adam the overall scale does not matter, so what changes in training is the *relative* weight of those questions.
 #    </details>
 #
 # 5. ★★ **A reward hack.** Add a reward part that pays 0.5 for any completion containing " wait ". Train, and measure
@@ -1646,9 +2007,58 @@ for k, v in closing.items():
 #    0.5)})`, passed to `GRPOTrainer(..., rewards=...)`.</details>
 #    <details><summary>Solution</summary>
 #
-#    Expect the share of " wait " to rise faster than under the rule rewards, with nothing to tie it to being right: a completion
-#    can say " wait " and still answer wrongly, and it is paid for it. A rule pays for exactly what it checks; R1 kept
-#    to accuracy and format for this reason, and declined a neural reward model because it can be hacked at scale.
+#    ```python
+#    hacked = Rewards(parts={**Rewards().parts, "wait": (lambda c, p: float(reflects(c)), 0.5)})
+#    th = GRPOTrainer(copy.deepcopy(policy), world, GRPOConfig(steps=RL["steps"], seed=0), rewards=hacked)
+#    hh = th.fit()
+#    ev = evaluate_policy(th.model, world, temperature=1.0, seed=0)
+#    print(f"accuracy {ev['accuracy']:.1%} (rule rewards: {after['accuracy']:.1%}); ' wait ' {ev['reflection']:.0%} "
+#          f"({after['reflection']:.0%}); accuracy of reflective completions "
+#          f"{ev['by_style']['reflects']['accuracy']:.0%} ({after['by_style']['reflects']['accuracy']:.0%})")
+#    ```
+#    Expect the share of " wait " to rise faster than under the rule rewards, with nothing to tie it to being right: a
+#    completion can say " wait " and still answer wrongly, and it is paid for it. In this world the bonus can point the
+#    same way as accuracy (the reflective style ends in a full recomputation), so the hack can look harmless; the
+#    telling number is the accuracy of the reflective completions, which falls if the policy learns to say " wait "
+#    without doing the recomputation. A rule pays for exactly what it checks; R1 kept to accuracy and format for this
+#    reason, and declined a neural reward model because it can be hacked at scale.
+#    </details>
+#
+# 6. ★ **Left padding by hand.** Pad the prompts `[1, 5, 6]` and `[1, 4]`, and predict, before printing them, the
+#    positions and row 1's attention mask.
+#
+#    <details><summary>Hint</summary>Positions count real tokens only, and a pad query may see itself only.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    ids, valid = left_pad([[1, 5, 6], [1, 4]], pad_id=0)
+#    print(ids)
+#    print(positions_of(valid))
+#    print(padded_attention(valid)[1, 0].int())
+#    ```
+#    `ids` is `[[1, 5, 6], [0, 1, 4]]` and the positions `[[0, 1, 2], [0, 0, 1]]`: row 1's pad gets position 0 (never
+#    used) and its real tokens 0 and 1, as they would alone. Row 1's mask, queries down and keys across, is
+#    `[[1, 0, 0], [0, 1, 0], [0, 1, 1]]`: the pad query sees only itself, and no real query sees the pad. With right
+#    padding instead, row 1's first new token would have to go in column 2 while row 0's goes in column 3.
+#    </details>
+#
+# 7. ★ **k3 by hand.** A token has probability 0.5 under the policy and 0.25 under the reference. Compute $k_1$, $k_3$
+#    and the gradient of $k_3$ with respect to the token's log-probability, then check them with `k3_kl`.
+#
+#    <details><summary>Hint</summary>$x = \pi_{ref}/\pi_\theta = 0.5$; section 3 gives the gradient as
+#    $1 - x$.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    lp_token = torch.tensor([math.log(0.5)], requires_grad=True)
+#    k = k3_kl(lp_token, torch.tensor([math.log(0.25)]))
+#    k.backward()
+#    print(k.item(), lp_token.grad.item())
+#    ```
+#    $k_1 = -\log 0.5 \approx 0.693$, $k_3 = 0.5 - \log 0.5 - 1 \approx 0.193$, and the gradient is $1 - 0.5 = 0.5$:
+#    positive, so a loss with $+\beta k_3$ lowers the log-probability of a token the policy likes twice as much as the
+#    reference does. A single $k_3$ sample is smaller than the $k_1$ sample here; what they share is the mean over
+#    tokens drawn from the policy, not each value.
 #    </details>
 #
 # ## Checks
