@@ -392,6 +392,29 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 # is why the engine records what it sampled from, and why the trainer samples with `top_p = 1`: then sampler and
 # teacher-forced pass describe the same distribution.
 
+# %% [markdown]
+# Two small helpers keep the engine's cell about sampling: one checks the sampling arguments (a clear error naming the
+# bad one), the other turns the stop tokens and stop sequences into tensors on the model's device.
+
+# %%
+#| export sampling
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: a positive int is required")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: a non-negative number is required")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: a number in (0, 1] is required")
+
+
+def _stop_tensors(stop_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]],
+                  device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    sequences = [torch.as_tensor(list(q), dtype=torch.long, device=device) for q in stop_sequences]
+    if any(len(q) == 0 for q in sequences):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    return stops, sequences
+
 # %%
 #| export sampling
 @torch.no_grad()
@@ -405,24 +428,14 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     `new_cache(batch_size, max_len)` (Transformer, MLATransformer). Prompts are left-padded; padding is kept out of
     attention by an explicit mask and out of RoPE by explicit positions, so every row computes what it would alone.
 
-    temperature: 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature), restricted to the top_p
-        nucleus. stop_ids: a row ends after emitting one of them (kept in the completion); stop_sequences: token-id
-        sequences (a stop string encoded, e.g. `tokenizer.encode("==")`) that end a row once its completion ends
-        with one of them (kept too). The world's `</answer>` is a single token: pass it in stop_ids.
-        max_new_tokens is capped by the model's max_seq_len. seed: a fresh generator seeded with it (the same seed
-        gives the same rollout); or pass `generator`. drop_finished: rows that have stopped leave the batch and the
-        cache (when the cache has `select_rows`), so a batch of short completions does not pay for its longest one;
-        the samples are the same either way (up to float rounding of a smaller batch).
-    Returns a Rollout whose logprobs are those of the distribution actually sampled from: log softmax(logits / T),
-    renormalised over the top-p nucleus. With top_p = 1 they equal a teacher-forced forward pass at the same
-    temperature (`sequence_logprobs`), which is what GRPO's ratio pi_theta / pi_theta_old needs.
+    temperature 0 is greedy, else softmax(logits / temperature) within the top_p nucleus. A row ends after a token of
+    stop_ids, or once its completion ends with one of stop_sequences (token-id lists); both are kept. max_new_tokens is
+    capped by the model's max_seq_len. seed: a fresh generator (same seed, same rollout), or pass `generator`.
+    drop_finished: stopped rows leave the batch and the cache (when it has `select_rows`); the samples are the same.
+    Returns a Rollout whose logprobs are those of the distribution sampled from (with top_p = 1, a teacher-forced
+    forward pass's at the same temperature: what GRPO's ratio pi_theta / pi_theta_old needs).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: a positive int is required")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: a non-negative number is required")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} is invalid: a number in (0, 1] is required")
+    _check_sampling(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -435,10 +448,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    sequences = [torch.as_tensor(list(q), dtype=torch.long, device=device) for q in stop_sequences]
-    if any(len(q) == 0 for q in sequences):
-        raise ValueError("stop_sequences must not contain an empty sequence")
+    stops, sequences = _stop_tensors(stop_ids, stop_sequences, device)
     prompt_len = valid.sum(-1)  # (b,)
 
     cache = model.new_cache(b, width + n_new)
@@ -831,7 +841,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from dslib.checkpoint import StepCheckpoints
 from dslib.rewards import Rewards, accuracy_reward, reflects, style_of
@@ -1132,33 +1141,34 @@ def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, t
 # run. `fit` checkpoints at step 0, every `checkpoint_every` steps, at the end, and on Ctrl-C; each checkpoint is
 # written before the optional evaluation `on_checkpoint` runs, so an evaluation that crashes loses no training.
 
+# %% [markdown]
+# Three things the trainer does that its code does not make obvious:
+#
+# - **Why the logged loss sits near zero while the policy learns.** In the first update on a batch,
+#   $\pi_\theta = \pi_{old}$, so every ratio is 1 and the loss is $-\mathrm{mean}(\hat A)$ (per completion for
+#   `"grpo"`), and group advantages have mean 0 in every group. Its gradient is not zero: it is
+#   $-\mathrm{mean}_i\, \hat A_i \nabla \log \pi(o_i)$, which raises the probability of above-average completions and
+#   lowers that of the others. The loss's value says nothing about progress; the reward does. With $\mu = 1$ the old
+#   log-probabilities are the current ones, detached (so the ratio is exactly 1, as TRL does).
+# - **What `history` records, per step:** the reward and each of its parts, accuracy, response length (tokens; all,
+#   right and wrong), reflection rate, truncation rate (completions that hit `max_new_tokens` without closing
+#   `</answer>`: they score no accuracy), entropy (the mean of $-\log\pi$ over sampled tokens, a Monte Carlo estimate
+#   of the per-token entropy), the share of groups whose rewards are all equal (they get $\hat A = 0$ and give no
+#   gradient), the k3 KL to the reference, the clip fraction, the loss, the gradient norm and the seconds.
+# - **Checkpoints.** With `checkpoint_dir`, `fit` writes `step-NNNNNN/` folders (model, optimizer, RNG states, step,
+#   history and evaluations; each written under a temporary name and renamed, so a crash never leaves a torn one) at
+#   step 0, every `checkpoint_every` steps, at the end and on Ctrl-C. `resume()` continues from the latest one, to the
+#   same numbers as a run that was never stopped (problems and rollout seeds are pure functions of (seed, step)).
+
 # %%
 #| export
 class GRPOTrainer(StepCheckpoints):
-    """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model.
-
-    Each step draws `prompts_per_step` training problems, samples `group_size` completions of each from the current
-    policy (which is pi_old for this batch), scores them with the rule-based rewards, turns the rewards into group
-    advantages, and takes `mu` gradient steps on the clipped objective; a frozen copy of the starting model is the
-    reference pi_ref (for the KL term when beta > 0, and for logging the KL when config.log_kl).
-
-    Why the logged loss sits near zero while the policy learns: in the first update on a batch, pi_theta = pi_old,
-    so every ratio is 1 and the loss is -mean(A) (per completion for "grpo"), and group advantages have mean 0 in every
-    group. Its gradient is not zero: it is -mean_i A_i grad log pi(o_i), which raises the probability of
-    above-average completions and lowers that of the others. The loss's value says nothing about progress; the reward
-    does. With mu = 1 the old log-probabilities are the current ones, detached (so the ratio is exactly 1, as TRL does).
-
-    history (per step): reward and each reward part, accuracy, response length (tokens; all, right and wrong),
-    reflection rate, truncation rate (completions that hit max_new_tokens without closing </answer>: they score no
-    accuracy), entropy (the mean of -log pi over sampled tokens: a Monte Carlo estimate of the per-token entropy), the
-    share of groups whose rewards are all equal (they get A = 0 and give no gradient), k3 KL to the reference, clip
-    fraction, loss, gradient norm and seconds.
-
-    Checkpoints: with `checkpoint_dir`, `fit` writes `step-NNNNNN/` folders (model, optimizer, RNG states, step, history
-    and evaluations; each folder is written under a temporary name and renamed, so a crash never leaves a torn one) at
-    step 0, every `checkpoint_every` steps, at the end and on Ctrl-C. `resume()` continues from the latest one, to the
-    same numbers as a run that was never stopped (problems and rollout seeds are pure functions of (seed, step)).
-    """
+    """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model: each step samples
+    `group_size` completions of `prompts_per_step` training problems from the current policy (pi_old for this batch),
+    scores them with the rule-based rewards, turns the rewards into group advantages and takes `mu` gradient steps on
+    the clipped objective; a frozen copy of the starting model is pi_ref (for the KL term when beta > 0, and for
+    logging the KL when config.log_kl). The text above the class explains the logged loss, the history and the
+    checkpoints."""
 
     def __init__(self, model: torch.nn.Module, world, config: GRPOConfig | None = None, rewards: Rewards | None = None,
                  ref_model: torch.nn.Module | None = None, checkpoint_dir: str | Path | None = None,
@@ -1225,41 +1235,13 @@ class GRPOTrainer(StepCheckpoints):
         self.step += 1
         return rec
 
-    def _checkpoint(self, on_checkpoint: Callable | None) -> None:
-        """Save (when there is a folder), then evaluate: a crash in the evaluation loses no training."""
-        path = self.save() if self.checkpoint_dir is not None else None
-        if on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals):
-            out = on_checkpoint(self, path)
-            if out is not None:
-                self.evals.append({"step": self.step, **out})
-
     def fit(self, steps: int | None = None, progress: bool = True, on_checkpoint: Callable | None = None
             ) -> dict[str, list]:
-        """Run `steps` more GRPO steps (default: up to config.steps). Returns the history.
-
-        on_checkpoint(trainer, folder) runs at step 0, every checkpoint_every steps and at the end, right after the
-        checkpoint is written (folder is None without a checkpoint_dir); a dict it returns joins `trainer.evals` (and
-        the next checkpoint). On Ctrl-C the state is saved before the interrupt goes on."""
+        """Run `steps` more GRPO steps (default: up to config.steps) and return the history. The loop's plumbing
+        (progress bar, checkpoints, on_checkpoint evaluations, Ctrl-C) is StepCheckpoints.run_steps."""
         until = self.config.steps if steps is None else self.step + steps
-        bar = tqdm(total=until, initial=self.step, desc="GRPO", disable=not progress, leave=True)
-        try:
-            if self.step == 0 or (on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals)):
-                self._checkpoint(on_checkpoint)
-            while self.step < until:
-                rec = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}",
-                                len=f"{rec['length']:.1f}")
-                if self.step % self.checkpoint_every == 0 or self.step == until:
-                    self._checkpoint(on_checkpoint)
-        except KeyboardInterrupt:
-            if self.checkpoint_dir is not None:
-                self.save()
-                print(f"interrupted at step {self.step}: saved to {self.checkpoint_dir}; resume() then fit() again")
-            raise
-        finally:
-            bar.close()
-        return self.history
+        return self.run_steps(until, lambda r: dict(reward=f"{r['reward']:.2f}", acc=f"{r['accuracy']:.2f}",
+                                                    len=f"{r['length']:.1f}"), "GRPO", progress, on_checkpoint)
 
 # %% [markdown]
 # Finally an evaluation helper: accuracy, length, reflection rate and accuracy by style on the held-out problems, with

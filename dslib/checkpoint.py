@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -206,7 +206,44 @@ class StepCheckpoints:
     """Numbered checkpoints for a trainer: `checkpoint_dir/step-NNNNNN/`, each a full `save_checkpoint` folder written
     under a temporary name and renamed, so a crash never leaves a torn one; older steps are kept (an explorer can read
     them). A mixin: the trainer has `model`, `optimizer`, `config` (a dataclass), `step`, `history`, `evals` and
-    `checkpoint_dir` (a Path or None). Used by dslib.grpo.GRPOTrainer."""
+    `checkpoint_dir` (a Path or None). `run_steps` is the plumbing of a trainer's `fit` (progress bar, checkpoints,
+    evaluations after them, Ctrl-C); the trainer supplies `train_step()`. Used by dslib.grpo.GRPOTrainer."""
+
+    def checkpoint_and_evaluate(self, on_checkpoint: Callable | None) -> None:
+        """Save (when there is a folder), then evaluate: a crash in the evaluation loses no training."""
+        path = self.save() if self.checkpoint_dir is not None else None
+        if on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals):
+            out = on_checkpoint(self, path)
+            if out is not None:
+                self.evals.append({"step": self.step, **out})
+
+    def run_steps(self, until: int, postfix: Callable[[dict], dict], desc: str, progress: bool = True,
+                  on_checkpoint: Callable | None = None) -> dict[str, list]:
+        """Call self.train_step() until self.step reaches `until`, with a progress bar (postfix(record) gives its
+        live figures). on_checkpoint(trainer, folder) runs at step 0, every checkpoint_every steps and at the end,
+        right after the checkpoint is written (folder is None without a checkpoint_dir); a dict it returns joins
+        `evals` (and the next checkpoint). On Ctrl-C the state is saved before the interrupt goes on. Returns the
+        history."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=until, initial=self.step, desc=desc, disable=not progress, leave=True)
+        try:
+            if self.step == 0 or (on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals)):
+                self.checkpoint_and_evaluate(on_checkpoint)
+            while self.step < until:
+                rec = self.train_step()
+                bar.update(1)
+                bar.set_postfix(**postfix(rec))
+                if self.step % self.checkpoint_every == 0 or self.step == until:
+                    self.checkpoint_and_evaluate(on_checkpoint)
+        except KeyboardInterrupt:
+            if self.checkpoint_dir is not None:
+                self.save()
+                print(f"interrupted at step {self.step}: saved to {self.checkpoint_dir}; resume() then fit() again")
+            raise
+        finally:
+            bar.close()
+        return self.history
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """The complete checkpoints in checkpoint_dir, as (step, folder), oldest first."""

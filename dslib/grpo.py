@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from dslib.checkpoint import StepCheckpoints
 from dslib.rewards import Rewards, accuracy_reward, reflects, style_of
@@ -178,30 +177,12 @@ def step_record(step: int, rewards: torch.Tensor, scores: dict, roll: Rollout, t
 
 
 class GRPOTrainer(StepCheckpoints):
-    """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model.
-
-    Each step draws `prompts_per_step` training problems, samples `group_size` completions of each from the current
-    policy (which is pi_old for this batch), scores them with the rule-based rewards, turns the rewards into group
-    advantages, and takes `mu` gradient steps on the clipped objective; a frozen copy of the starting model is the
-    reference pi_ref (for the KL term when beta > 0, and for logging the KL when config.log_kl).
-
-    Why the logged loss sits near zero while the policy learns: in the first update on a batch, pi_theta = pi_old,
-    so every ratio is 1 and the loss is -mean(A) (per completion for "grpo"), and group advantages have mean 0 in every
-    group. Its gradient is not zero: it is -mean_i A_i grad log pi(o_i), which raises the probability of
-    above-average completions and lowers that of the others. The loss's value says nothing about progress; the reward
-    does. With mu = 1 the old log-probabilities are the current ones, detached (so the ratio is exactly 1, as TRL does).
-
-    history (per step): reward and each reward part, accuracy, response length (tokens; all, right and wrong),
-    reflection rate, truncation rate (completions that hit max_new_tokens without closing </answer>: they score no
-    accuracy), entropy (the mean of -log pi over sampled tokens: a Monte Carlo estimate of the per-token entropy), the
-    share of groups whose rewards are all equal (they get A = 0 and give no gradient), k3 KL to the reference, clip
-    fraction, loss, gradient norm and seconds.
-
-    Checkpoints: with `checkpoint_dir`, `fit` writes `step-NNNNNN/` folders (model, optimizer, RNG states, step, history
-    and evaluations; each folder is written under a temporary name and renamed, so a crash never leaves a torn one) at
-    step 0, every `checkpoint_every` steps, at the end and on Ctrl-C. `resume()` continues from the latest one, to the
-    same numbers as a run that was never stopped (problems and rollout seeds are pure functions of (seed, step)).
-    """
+    """GRPO (DeepSeekMath, Algorithm 1) on the arithmetic world, with no value model: each step samples
+    `group_size` completions of `prompts_per_step` training problems from the current policy (pi_old for this batch),
+    scores them with the rule-based rewards, turns the rewards into group advantages and takes `mu` gradient steps on
+    the clipped objective; a frozen copy of the starting model is pi_ref (for the KL term when beta > 0, and for
+    logging the KL when config.log_kl). The text above the class explains the logged loss, the history and the
+    checkpoints."""
 
     def __init__(self, model: torch.nn.Module, world, config: GRPOConfig | None = None, rewards: Rewards | None = None,
                  ref_model: torch.nn.Module | None = None, checkpoint_dir: str | Path | None = None,
@@ -268,41 +249,13 @@ class GRPOTrainer(StepCheckpoints):
         self.step += 1
         return rec
 
-    def _checkpoint(self, on_checkpoint: Callable | None) -> None:
-        """Save (when there is a folder), then evaluate: a crash in the evaluation loses no training."""
-        path = self.save() if self.checkpoint_dir is not None else None
-        if on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals):
-            out = on_checkpoint(self, path)
-            if out is not None:
-                self.evals.append({"step": self.step, **out})
-
     def fit(self, steps: int | None = None, progress: bool = True, on_checkpoint: Callable | None = None
             ) -> dict[str, list]:
-        """Run `steps` more GRPO steps (default: up to config.steps). Returns the history.
-
-        on_checkpoint(trainer, folder) runs at step 0, every checkpoint_every steps and at the end, right after the
-        checkpoint is written (folder is None without a checkpoint_dir); a dict it returns joins `trainer.evals` (and
-        the next checkpoint). On Ctrl-C the state is saved before the interrupt goes on."""
+        """Run `steps` more GRPO steps (default: up to config.steps) and return the history. The loop's plumbing
+        (progress bar, checkpoints, on_checkpoint evaluations, Ctrl-C) is StepCheckpoints.run_steps."""
         until = self.config.steps if steps is None else self.step + steps
-        bar = tqdm(total=until, initial=self.step, desc="GRPO", disable=not progress, leave=True)
-        try:
-            if self.step == 0 or (on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals)):
-                self._checkpoint(on_checkpoint)
-            while self.step < until:
-                rec = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}",
-                                len=f"{rec['length']:.1f}")
-                if self.step % self.checkpoint_every == 0 or self.step == until:
-                    self._checkpoint(on_checkpoint)
-        except KeyboardInterrupt:
-            if self.checkpoint_dir is not None:
-                self.save()
-                print(f"interrupted at step {self.step}: saved to {self.checkpoint_dir}; resume() then fit() again")
-            raise
-        finally:
-            bar.close()
-        return self.history
+        return self.run_steps(until, lambda r: dict(reward=f"{r['reward']:.2f}", acc=f"{r['accuracy']:.2f}",
+                                                    len=f"{r['length']:.1f}"), "GRPO", progress, on_checkpoint)
 
 
 @torch.no_grad()

@@ -117,6 +117,24 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: a positive int is required")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: a non-negative number is required")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: a number in (0, 1] is required")
+
+
+def _stop_tensors(stop_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]],
+                  device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    sequences = [torch.as_tensor(list(q), dtype=torch.long, device=device) for q in stop_sequences]
+    if any(len(q) == 0 for q in sequences):
+        raise ValueError("stop_sequences must not contain an empty sequence")
+    return stops, sequences
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
@@ -128,24 +146,14 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     `new_cache(batch_size, max_len)` (Transformer, MLATransformer). Prompts are left-padded; padding is kept out of
     attention by an explicit mask and out of RoPE by explicit positions, so every row computes what it would alone.
 
-    temperature: 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature), restricted to the top_p
-        nucleus. stop_ids: a row ends after emitting one of them (kept in the completion); stop_sequences: token-id
-        sequences (a stop string encoded, e.g. `tokenizer.encode("==")`) that end a row once its completion ends
-        with one of them (kept too). The world's `</answer>` is a single token: pass it in stop_ids.
-        max_new_tokens is capped by the model's max_seq_len. seed: a fresh generator seeded with it (the same seed
-        gives the same rollout); or pass `generator`. drop_finished: rows that have stopped leave the batch and the
-        cache (when the cache has `select_rows`), so a batch of short completions does not pay for its longest one;
-        the samples are the same either way (up to float rounding of a smaller batch).
-    Returns a Rollout whose logprobs are those of the distribution actually sampled from: log softmax(logits / T),
-    renormalised over the top-p nucleus. With top_p = 1 they equal a teacher-forced forward pass at the same
-    temperature (`sequence_logprobs`), which is what GRPO's ratio pi_theta / pi_theta_old needs.
+    temperature 0 is greedy, else softmax(logits / temperature) within the top_p nucleus. A row ends after a token of
+    stop_ids, or once its completion ends with one of stop_sequences (token-id lists); both are kept. max_new_tokens is
+    capped by the model's max_seq_len. seed: a fresh generator (same seed, same rollout), or pass `generator`.
+    drop_finished: stopped rows leave the batch and the cache (when it has `select_rows`); the samples are the same.
+    Returns a Rollout whose logprobs are those of the distribution sampled from (with top_p = 1, a teacher-forced
+    forward pass's at the same temperature: what GRPO's ratio pi_theta / pi_theta_old needs).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: a positive int is required")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: a non-negative number is required")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} is invalid: a number in (0, 1] is required")
+    _check_sampling(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -158,10 +166,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    sequences = [torch.as_tensor(list(q), dtype=torch.long, device=device) for q in stop_sequences]
-    if any(len(q) == 0 for q in sequences):
-        raise ValueError("stop_sequences must not contain an empty sequence")
+    stops, sequences = _stop_tensors(stop_ids, stop_sequences, device)
     prompt_len = valid.sum(-1)  # (b,)
 
     cache = model.new_cache(b, width + n_new)

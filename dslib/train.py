@@ -114,7 +114,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-class Trainer:
+class TrainerCheckpoints:
+    """Trainer's checkpoint methods (they use its model, optimizer, config, checkpoint_dir, step and history)."""
+
+    def state(self) -> dict:
+        return {"step": self.step, "history": self.history, "config": asdict(self.config)}
+
+    def save(self) -> Path:
+        """Write a checkpoint of everything needed to continue exactly (model, optimizer, RNG, step, history)."""
+        if self.checkpoint_dir is None:
+            raise ValueError("this Trainer has no checkpoint_dir")
+        cfg = self.model.config.to_dict() if hasattr(self.model, "config") else {}
+        return save_checkpoint(self.checkpoint_dir, self.model, cfg, self.optimizer, self.state(), step=self.step)
+
+    def resume(self) -> bool:
+        """Continue from checkpoint_dir when it holds a checkpoint; returns whether it did."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / "model.safetensors").exists():
+            return False
+        saved = read_trainer_state(self.checkpoint_dir)["config"]  # check before anything is loaded
+        saved = TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
+        if saved != self.config:
+            raise CheckpointError(f"{self.checkpoint_dir}: saved with a different TrainConfig ({saved}); "
+                                  f"resume with the same config or use a new folder")
+        state = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+
+class Trainer(TrainerCheckpoints):
     """AdamW with warm-up and DeepSeek LLM's multi-step schedule (or cosine), gradient clipping, a progress bar,
     periodic held-out evaluation, atomic checkpoints and exact resume.
 
@@ -139,29 +166,6 @@ class Trainer:
     def lr(self, step: int) -> float:
         c = self.config
         return lr_at(step, c.steps, c.lr, c.warmup_steps, c.schedule)
-
-    def state(self) -> dict:
-        return {"step": self.step, "history": self.history, "config": asdict(self.config)}
-
-    def save(self) -> Path:
-        """Write a checkpoint of everything needed to continue exactly (model, optimizer, RNG, step, history)."""
-        if self.checkpoint_dir is None:
-            raise ValueError("this Trainer has no checkpoint_dir")
-        cfg = self.model.config.to_dict() if hasattr(self.model, "config") else {}
-        return save_checkpoint(self.checkpoint_dir, self.model, cfg, self.optimizer, self.state(), step=self.step)
-
-    def resume(self) -> bool:
-        """Continue from checkpoint_dir when it holds a checkpoint; returns whether it did."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / "model.safetensors").exists():
-            return False
-        saved = read_trainer_state(self.checkpoint_dir)["config"]  # check before anything is loaded
-        saved = TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
-        if saved != self.config:
-            raise CheckpointError(f"{self.checkpoint_dir}: saved with a different TrainConfig ({saved}); "
-                                  f"resume with the same config or use a new folder")
-        state = load_checkpoint(self.checkpoint_dir, self.model, self.optimizer)
-        self.step, self.history = state["step"], state["history"]
-        return True
 
     def evaluate(self) -> float:
         loss = evaluate_loss(self.model, self.eval_batches)

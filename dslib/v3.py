@@ -27,17 +27,74 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def config_kwargs(d: dict, known: set[str]) -> dict:
+    """The keyword arguments a config.json dict gives V3Config (the `known` field names; the rest is ignored).
+    Features this implementation does not have are refused rather than silently ignored."""
+    if d.get("rope_interleave", True) is not True:
+        raise ValueError("rope_interleave=False is not supported: dslib rotates interleaved pairs, as V3 does")
+    scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise ValueError(f"RoPE scaling {scaling} is not supported (only the default RoPE)")
+    kw = {k: v for k, v in d.items() if k in known}
+    if "rope_theta" not in kw and "rope_theta" in scaling:
+        kw["rope_theta"] = scaling["rope_theta"]
+    return kw
+
+
+def _invalid(c, name: str, allowed: str) -> ValueError:
+    return ValueError(f"V3Config.{name}={getattr(c, name)!r} is invalid: {allowed}")
+
+
+def check_v3_config(c) -> None:
+    """Validate a V3Config's fields (a ValueError naming the field), then build its MLA and MoE configurations, whose
+    own checks catch shapes those modules refuse (an odd RoPE width, more experts per token than experts, ...)."""
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"):
+        if not _positive_int(getattr(c, name)):
+            raise _invalid(c, name, "a positive int is required")
+    for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+        value = getattr(c, name)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise _invalid(c, name, "an int >= 0 is required")
+    if c.q_lora_rank is not None and not _positive_int(c.q_lora_rank):
+        raise _invalid(c, "q_lora_rank", "None (no query compression) or a positive int is required")
+    if c.first_k_dense_replace > c.num_hidden_layers:
+        raise _invalid(c, "first_k_dense_replace", f"at most num_hidden_layers={c.num_hidden_layers}")
+    for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise _invalid(c, name, "a positive number is required")
+    for name in ("aux_loss_alpha", "bias_update_speed"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise _invalid(c, name, "a number >= 0 is required")
+    c.mla_config()  # MLA's own checks (even RoPE width, latent ranks <= hidden size)
+    if c.n_moe_layers or c.num_nextn_predict_layers:
+        c.moe_config()  # the router's checks (top-k <= experts, groups divide the experts, ...)
+
+
+# The released configurations (their config.json files), as V3Config's keyword arguments.
+DEEPSEEK_V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+                   num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=1,
+                   n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                   norm_topk_prob=True, scoring_func="sigmoid", first_k_dense_replace=3, num_nextn_predict_layers=1,
+                   max_position_embeddings=163840)
+DEEPSEEK_V2 = dict(vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+                   num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2,
+                   n_routed_experts=160, num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
+                   norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1, aux_loss_alpha=0.003,
+                   bias_update_speed=0.0, num_nextn_predict_layers=0, max_position_embeddings=163840)
+
+
 @dataclass
 class V3Config:
     """DeepSeek-V3's configuration, with the field names of its released config.json (as read by Hugging Face
-    transformers), so a reader can hold it next to the official files. The defaults are V3-mini, this chapter's model.
-
-    Dense layers: the first `first_k_dense_replace` layers use a SwiGLU of `intermediate_size`; the others a DeepSeekMoE
-    layer (dslib.moe): `n_shared_experts` shared and `n_routed_experts` routed experts of `moe_intermediate_size`,
-    `num_experts_per_tok` chosen per token among `topk_group` of `n_group` groups, sigmoid (V3) or softmax (V2)
-    affinities, `norm_topk_prob`, `routed_scaling_factor`; `aux_loss_alpha` is the complementary sequence-wise balance
-    loss's alpha (V3: 0.0001 in the paper), `bias_update_speed` the auxiliary-loss-free bias's gamma (V3: 0.001).
-    Attention is MLA (dslib.mla) in every layer. `num_nextn_predict_layers` is the MTP depth D (0: none)."""
+    transformers), so a reader can hold it next to the official files; the table above says what each field means.
+    The defaults are V3-mini, this chapter's model. Attention is MLA (dslib.mla) in every layer; the feed-forward
+    layers are dense for the first `first_k_dense_replace`, DeepSeekMoE (dslib.moe) after."""
 
     vocab_size: int = 104
     hidden_size: int = 64
@@ -68,34 +125,8 @@ class V3Config:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
-    def _invalid(self, name: str, allowed: str) -> ValueError:
-        return ValueError(f"V3Config.{name}={getattr(self, name)!r} is invalid: {allowed}")
-
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                     "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"):
-            if not _positive_int(getattr(self, name)):
-                raise self._invalid(name, "a positive int is required")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise self._invalid(name, "an int >= 0 is required")
-        if self.q_lora_rank is not None and not _positive_int(self.q_lora_rank):
-            raise self._invalid("q_lora_rank", "None (no query compression) or a positive int is required")
-        if self.first_k_dense_replace > self.num_hidden_layers:
-            raise self._invalid("first_k_dense_replace", f"at most num_hidden_layers={self.num_hidden_layers}")
-        for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise self._invalid(name, "a positive number is required")
-        for name in ("aux_loss_alpha", "bias_update_speed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise self._invalid(name, "a number >= 0 is required")
-        self.mla_config()  # MLA's own checks (even RoPE width, latent ranks <= hidden size)
-        if self.n_moe_layers or self.num_nextn_predict_layers:
-            self.moe_config()  # the router's checks (top-k <= experts, groups divide the experts, ...)
+        check_v3_config(self)  # defined in the cell above
 
     @property
     def n_moe_layers(self) -> int:
@@ -129,40 +160,21 @@ class V3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "V3Config":
-        """Build from a dict such as a Hugging Face config.json: known fields are read, the rest is ignored.
-        Features this implementation does not have are refused rather than silently ignored."""
-        if d.get("rope_interleave", True) is not True:
-            raise ValueError("rope_interleave=False is not supported: dslib rotates interleaved pairs, as V3 does")
-        scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-            raise ValueError(f"RoPE scaling {scaling} is not supported (only the default RoPE)")
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "rope_theta" not in kw and "rope_theta" in scaling:
-            kw["rope_theta"] = scaling["rope_theta"]
-        return cls(**kw)
+        """Build from a dict such as a Hugging Face config.json: known fields are read, the rest is ignored;
+        features this implementation does not have are refused (config_kwargs, above)."""
+        return cls(**config_kwargs(d, {f.name for f in fields(cls)}))
 
     @classmethod
     def deepseek_v3(cls) -> "V3Config":
         """DeepSeek-V3 (671B total, 37B activated), from its released config.json (MTP: one module)."""
-        return cls(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                   num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=1,
-                   n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-                   norm_topk_prob=True, scoring_func="sigmoid", first_k_dense_replace=3, num_nextn_predict_layers=1,
-                   max_position_embeddings=163840)
+        return cls(**DEEPSEEK_V3)
 
     @classmethod
     def deepseek_v2(cls) -> "V3Config":
         """DeepSeek-V2 (236B total, 21B activated), from its released config.json: softmax affinities, no bias, no
         MTP. V2 ranks groups by their best expert (group_limited_greedy), where dslib's router uses V3's top-2 sum;
         counting is unaffected."""
-        return cls(vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-                   num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2,
-                   n_routed_experts=160, num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
-                   norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1, aux_loss_alpha=0.003,
-                   bias_update_speed=0.0, num_nextn_predict_layers=0, max_position_embeddings=163840)
+        return cls(**DEEPSEEK_V2)
 
 
 def _attention_params(c: V3Config) -> int:
@@ -226,40 +238,34 @@ class V3Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class DeepSeekV3(nn.Module):
-    """DeepSeek-V3 (arXiv 2412.19437, section 2): MLA attention in every layer, dense then DeepSeekMoE feed-forward
-    layers, and D multi-token prediction modules (dslib.mtp) that share the embedding and the output head.
-    forward(input_ids (b, t)) -> logits (b, t, vocab), with the signature of dslib.transformer.Transformer, so
-    dslib.train, dslib.world.PackedData and the generation loop work unchanged. mode ("absorb" or "naive") chooses how
-    a cached forward attends (dslib.mla)."""
+def read_hf_config(directory: str | Path) -> dict:
+    """A transformers DeepseekV3 folder's config.json, as a dict (its model_type checked)."""
+    cfg_path = Path(directory) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} is missing: from_hf needs a checkpoint folder with config.json")
+    raw = json.loads(cfg_path.read_text())
+    if raw.get("model_type") not in ("deepseek_v3", None):
+        raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not deepseek_v3")
+    return raw
 
-    def __init__(self, config: V3Config, mode: str = "absorb"):
-        super().__init__()
-        c = self.config = config
-        self.mode = mode
-        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(V3Block(c, i, moe=i >= c.first_k_dense_replace)
-                                    for i in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        # MTP blocks are MoE layers, as in V3; module k (1-based) writes layer k - 1 of new_mtp_cache().
-        self.mtp = nn.ModuleList(MTPModule(c.hidden_size, V3Block(c, k, moe=True), c.rms_norm_eps)
-                                 for k in range(c.num_nextn_predict_layers))
-        self.apply(self._init)
-        if c.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
 
-    def _init(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.config.initializer_range)
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in a folder, by name."""
+    from safetensors import safe_open
 
-    def num_params(self, embeddings: bool = True, mtp: bool = False) -> int:
-        n = sum(p.numel() for name, p in self.named_parameters() if mtp or not name.startswith("mtp."))
-        return n if embeddings else n - self.embed.weight.numel() - self.lm_head.weight.numel()
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                tensors[k] = st.get_tensor(k)
+    return tensors
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The RoPE angles (cos, sin) of positions (b, t) for the decoupled keys and queries."""
-        return rope_cos_sin(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+
+class CachesAndMTP:
+    """DeepSeekV3's latent caches and its MTP methods (they use its config, embed, rope, lm_head and mtp modules)."""
 
     def _cache(self, n_layer: int, batch_size: int, max_len: int | None) -> MLACache:
         w, c = self.embed.weight, self.config
@@ -274,25 +280,6 @@ class DeepSeekV3(nn.Module):
     def new_mtp_cache(self, batch_size: int, max_len: int | None = None) -> MLACache:
         """An empty latent cache for the MTP modules' blocks (used by speculative decoding)."""
         return self._cache(max(1, len(self.mtp)), batch_size, max_len)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: MLACache | None = None, return_hidden: bool = False, logits_to_keep: int = 0):
-        """input_ids (b, t) -> logits (b, t, vocab); with return_hidden, (logits, h) where h (b, t, d) is the last
-        layer's output before the final norm: the h^0 that MTP module 1 reads.
-        positions, segments, attn_mask, cache and logits_to_keep as in dslib.transformer.Transformer.forward (h is
-        always every position's)."""
-        positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache,
-                                              self.config.max_position_embeddings)
-        cos, sin = self.rope(positions)
-        mode = self.mode if cache is not None else "naive"
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, cache, mode)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep > 0 else x))
-        return (logits, x) if return_hidden else logits
 
     def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor | None = None,
                    segments: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -317,6 +304,60 @@ class DeepSeekV3(nn.Module):
         cache.length += n
         return int(self.lm_head(self.mtp[0].norm(h[:, -1])).argmax(-1))
 
+
+class DeepSeekV3(CachesAndMTP, nn.Module):
+    """DeepSeek-V3 (arXiv 2412.19437, section 2): MLA in every layer, dense then DeepSeekMoE feed-forward layers, and
+    D MTP modules (dslib.mtp) sharing the embedding and output head. forward has dslib.transformer.Transformer's
+    signature, so training, packing and generation work unchanged; mode ("absorb"/"naive"): how a cached forward
+    attends."""
+
+    def __init__(self, config: V3Config, mode: str = "absorb"):
+        super().__init__()
+        c = self.config = config
+        self.mode = mode
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(V3Block(c, i, moe=i >= c.first_k_dense_replace)
+                                    for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        # MTP blocks are MoE layers, as in V3; module k (1-based) writes layer k - 1 of new_mtp_cache().
+        self.mtp = nn.ModuleList(MTPModule(c.hidden_size, V3Block(c, k, moe=True), c.rms_norm_eps)
+                                 for k in range(c.num_nextn_predict_layers))
+        self.apply(self._init)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init(self, m: nn.Module) -> None:  # normal(0, initializer_range) for every matrix
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+
+    def num_params(self, embeddings: bool = True, mtp: bool = False) -> int:
+        n = sum(p.numel() for name, p in self.named_parameters() if mtp or not name.startswith("mtp."))
+        return n if embeddings else n - self.embed.weight.numel() - self.lm_head.weight.numel()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE angles (cos, sin) of positions (b, t) for the decoupled keys and queries."""
+        return rope_cos_sin(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache: MLACache | None = None, return_hidden: bool = False, logits_to_keep: int = 0):
+        """input_ids (b, t) -> logits (b, t, vocab); with return_hidden, (logits, h) where h (b, t, d) is the last
+        layer's output before the final norm: the h^0 that MTP module 1 reads.
+        positions, segments, attn_mask, cache and logits_to_keep as in dslib.transformer.Transformer.forward (h is
+        always every position's)."""
+        positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache,
+                                              self.config.max_position_embeddings)
+        cos, sin = self.rope(positions)
+        mode = self.mode if cache is not None else "naive"
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, cache, mode)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        logits = self.lm_head(self.norm(x[:, -logits_to_keep:] if logits_to_keep > 0 else x))
+        return (logits, x) if return_hidden else logits
+
     # Decoding is chapter 00's loop unchanged: it asks the model for a cache through new_cache.
     generate = Transformer.generate
 
@@ -336,27 +377,9 @@ class DeepSeekV3(nn.Module):
         expert, the layout the released weights use) into dslib, without transformers and without unpickling.
         Names are mapped one to one; per-expert matrices are stacked. MTP weights (layer num_hidden_layers onward,
         which transformers does not load either) are not read: the model comes without MTP."""
-        from safetensors import safe_open
-
-        directory = Path(directory)
-        cfg_path = directory / "config.json"
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"{cfg_path} is missing: from_hf needs a checkpoint folder with config.json")
-        raw = json.loads(cfg_path.read_text())
-        if raw.get("model_type") not in ("deepseek_v3", None):
-            raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not deepseek_v3")
-        config = V3Config.from_dict({**raw, "num_nextn_predict_layers": 0})
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors file in {directory}")
-        tensors: dict[str, torch.Tensor] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    tensors[k] = st.get_tensor(k)
-        model = cls(config, mode=mode)
-        state = hf_to_dslib(tensors, config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        config = V3Config.from_dict({**read_hf_config(directory), "num_nextn_predict_layers": 0})
+        tensors, model = read_safetensors(directory), cls(config, mode=mode)
+        missing, unexpected = model.load_state_dict(hf_to_dslib(tensors, config), strict=False)
         if missing or unexpected:
             raise ValueError(f"{directory}: the checkpoint does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
