@@ -1800,9 +1800,11 @@ ledger.add("GRPO's per-sequence normalisation lengthens wrong answers; dr_grpo r
            f"(base {wrong_len['base']:.1f}); training batches: {train_wrong['grpo']:.1f} vs "
            f"{train_wrong['dr_grpo']:.1f}; per-token push-down of a wrong answer {bias_ratio:.0f}x weaker at 56 "
            f"tokens than at 8 under grpo, equal under dr_grpo", length_bias_holds,
-           "wrong answers lengthen under both (the shift to the longer reflective style); the claim is about the "
-           "difference" + ("" if length_bias_holds else f": not reproduced in {RL['steps']} short steps, where the "
-           "choice of style dominates lengths; the mechanism (the per-token weights) is there"))
+           ("wrong answers lengthen under both (the shift to the longer reflective style); "
+            if min(wrong_len["grpo"], wrong_len["dr_grpo"]) > wrong_len["base"] else "")
+           + "the claim is about the difference"
+           + ("" if length_bias_holds else f": not reproduced in {RL['steps']} short steps, where the choice of style "
+              "dominates lengths; the mechanism (the per-token weights) is there"))
 ledger.add("Groups with all-equal rewards give no gradient",
            "zero advantage -> no gradient; their share grows as accuracy rises (DAPO, section 3.2)",
            f"gradient norm of the all-equal groups' loss {equal_grad_norm:.0e}; their share {all_equal_start:.0%} -> "
@@ -2054,7 +2056,8 @@ assert reward_agree and all(s == 0.0 for s in hostile_scores[:3])
 assert max(loss_errors.values()) < 1e-5, loss_errors
 assert k3_bias < 1e-5 and (kl["k3_min"] >= 0).all() and (kl["k1_negative"] > 0.05).any() and k2_bias > 0
 assert gc_error < 1e-5
-# The reward rises within the budget (the pre-study: 0.26 -> 0.6 by step 30 at T=1), with margin across seeds.
+# GRPO must raise sampled accuracy by 10 points and the reward by 0.15 within the budget: the effect the chapter
+# is about, with a margin for seeds and thread counts.
 assert after["accuracy"] > base_sampled["accuracy"] + 0.1, (base_sampled["accuracy"], after["accuracy"])
 assert last > first + 0.15, (first, last)
 assert abs(np.mean(hist["loss"])) < 0.05 and max(hist["clip_frac"]) == 0.0  # mu = 1: loss near 0, no clipping
