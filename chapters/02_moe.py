@@ -470,7 +470,7 @@ assert torch.allclose(after.weights.sum(1), torch.full((64,), 2.5))
 #    expert (`dispatch="loop"`), or one grouped product for all (`F.grouped_mm`, `dispatch="grouped"`);
 # 3. multiply by the gating weights and add each row back to its token (`index_add`).
 #
-# The grouped dispatch is written for speed, with its backward by hand (`ExpertProducts`, folded below). It does the
+# The grouped dispatch is written for speed, with its backward by hand (`ExpertProducts`, below). It does the
 # same arithmetic in a cheaper order:
 #
 # - gate and up are one product of width $2I$ (their weights side by side), so each block of tokens is read once and
