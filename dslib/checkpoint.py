@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 __all__ = ["CheckpointError", "StepCheckpoints", "save_checkpoint", "load_checkpoint", "read_config", "read_trainer_state", "rng_state", "set_rng_state",
            "atomic_write_text"]
@@ -224,8 +225,6 @@ class StepCheckpoints:
         right after the checkpoint is written (folder is None without a checkpoint_dir); a dict it returns joins
         `evals` (and the next checkpoint). On Ctrl-C the state is saved before the interrupt goes on. Returns the
         history."""
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=until, initial=self.step, desc=desc, disable=not progress, leave=True)
         try:
             if self.step == 0 or (on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals)):
