@@ -31,8 +31,9 @@
 #    with a KV cache (section 3);
 # 4. `dslib.train`, a trainer with DeepSeek LLM's multi-step learning-rate schedule, atomic checkpoints and exact
 #    resume (section 4);
-# 5. a base model of about 0.8M parameters pretrained on the world, its held-out accuracy (greedy and sampled), and
-#    the multi-step schedule against cosine (section 5);
+# 5. a base model of about 0.8M parameters pretrained on the world, its held-out accuracy (greedy and sampled), the
+#    multi-step schedule against cosine, and `Transformer.to_hf` / `from_hf`, which take it to and from Hugging Face
+#    transformers as a Llama model with the world's tokenizer (section 5);
 # 6. an explorer for the world's knobs (section 6) and the claims ledger (section 7).
 #
 # **What you need.** This is the first chapter: Python, a little PyTorch (modules, tensors, `loss.backward()`) and the
@@ -389,13 +390,17 @@ the tokenizer and packed batches (chapter 00)."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from dslib.checkpoint import atomic_write_text
 
 STYLES = ("bare", "steps", "guess_verify", "slip_fix", "slip")
 LANGUAGES = ("sym", "en")
@@ -796,6 +801,20 @@ _PRIVATE = 0xE000  # specials are swapped for private-use code points while enco
 _PRIVATE_RE = re.compile("[\ue000-\uf8ff]")
 
 # %% [markdown]
+# The class inherits one method from a small mixin: `to_hf`, which writes the tokenizer's files for Hugging Face
+# transformers. It is built in section 5 ("Take the model anywhere"), next to the model's own export.
+
+# %%
+#| export
+class HFTokenizerFiles:
+    """Tokenizer's export for Hugging Face transformers (the work is done by write_hf_tokenizer, section 5)."""
+
+    def to_hf(self, directory: str | Path, model_max_length: int | None = None) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory, so that
+        transformers.AutoTokenizer.from_pretrained(directory) gives this tokenizer's ids (see write_hf_tokenizer)."""
+        return write_hf_tokenizer(self, directory, model_max_length)
+
+# %% [markdown]
 # The fast path has two pitfalls, and the class handles both. Specials are swapped longest first, so that no shorter
 # special can match inside a longer one. And a text that already contains a private-use character would be read as a
 # special token; such a text is refused along with any other character outside the vocabulary, and the slow scan
@@ -803,7 +822,7 @@ _PRIVATE_RE = re.compile("[\ue000-\uf8ff]")
 
 # %%
 #| export
-class Tokenizer:
+class Tokenizer(HFTokenizerFiles):
     """Character-level tokenizer with single-token specials: <pad> <bos> <eos>, the think and answer tags, and " wait "
     (spaces included, so that the reflection word is one decision for the model)."""
 
@@ -1401,13 +1420,20 @@ draw_deepseek_llm()
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from dslib.checkpoint import atomic_write_text
 
 
 @dataclass
@@ -1791,10 +1817,31 @@ print(document_causal_mask(torch.tensor([[1, 1, 1, 2, 2, 0]]))[0, 0].int())
 # (`temperature=0` takes the argmax directly). A row that has emitted `stop_id` is filled with `pad_id` from then on,
 # and decoding ends early when every row has stopped. `generate` asks for its cache through `new_cache`, so a model
 # with a different cache (chapter 03's MLA) inherits the same decoding loop by overriding that one method.
+#
+# The class also inherits two methods from a small mixin, `to_hf` and `from_hf`, which write and read the folders
+# that Hugging Face transformers loads as a Llama model. Section 5 builds them ("Take the model anywhere"), once there
+# is a trained model worth taking.
 
 # %%
 #| export transformer
-class Transformer(nn.Module):
+class LlamaFolder:
+    """Transformer's door to Hugging Face transformers, where DeepSeek LLM's architecture is Llama's (the work is done
+    by write_llama and read_llama, section 5)."""
+
+    def to_hf(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write a folder that transformers loads as a LlamaForCausalLM (and, given the world's tokenizer, with
+        AutoTokenizer): config.json, model.safetensors, generation_config.json, the tokenizer files (see write_llama)."""
+        return write_llama(self, directory, tokenizer)
+
+    @classmethod
+    def from_hf(cls, directory: str | Path) -> "Transformer":
+        """Read a transformers Llama folder with json and safetensors only, into a float32 Transformer (see
+        read_llama)."""
+        return read_llama(directory, cls)
+
+# %%
+#| export transformer
+class Transformer(LlamaFolder, nn.Module):
     """The dense decoder-only LM. forward(input_ids (b, t)) -> logits (b, t, vocab)."""
 
     def __init__(self, config: TransformerConfig):
@@ -2472,7 +2519,448 @@ shutil.rmtree(scratch)
 # poisoned loss multiplies a real loss by NaN: the trainer must raise `NonFiniteLossError` at step 0, and the weights
 # must be exactly the ones it started with, since the check runs before `backward`. Both flags go to the checks at the
 # end of the chapter.
+
+# %% [markdown]
+# ### Take the model anywhere: a Llama folder for transformers
 #
+# A checkpoint that only dslib can read keeps the model in this course. DeepSeek LLM is the LLaMA architecture
+# (section 2.2 of its paper), so our `Transformer` is, tensor for tensor, a `LlamaForCausalLM` of Hugging Face
+# transformers. `Transformer.to_hf(folder, tokenizer)` writes the folder that transformers loads with
+# `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`; `Transformer.from_hf(folder)` reads one
+# back, with json and safetensors only, so it needs no transformers and runs no code from the folder. The folder:
+#
+# | file | what it holds |
+# |---|---|
+# | `config.json` | `model_type: llama`, `hidden_size` ($d$), `intermediate_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads` (GQA), `head_dim`, `max_position_embeddings`, `rms_norm_eps`, `rope_theta`, untied embeddings, no biases, silu |
+# | `model.safetensors` | the weights under Llama's names: `model.embed_tokens`, per layer `input_layernorm`, `self_attn.{q,k,v,o}_proj`, `post_attention_layernorm`, `mlp.{gate,up,down}_proj`, then `model.norm` and `lm_head` |
+# | `generation_config.json` | the token ids, greedy decoding, and where to stop: after `<eos>` or `</answer>` (the course's `complete` stops at `</answer>`) |
+# | `tokenizer.json` (+ two small JSON files) | the world's tokenizer for the `tokenizers` library: one piece per character, each special token one id, `<bos>` put in front |
+#
+# The names map one to one (`attn_norm` is `input_layernorm`, `mlp_norm` is `post_attention_layernorm`, `embed` is
+# `model.embed_tokens`), and every matrix keeps its shape. One thing does not carry over by renaming: the RoPE layout.
+# Section 3 rotates interleaved pairs $(x_{2i}, x_{2i+1})$; Llama's `rotate_half` pairs $x_i$ with $x_{i + d_h/2}$,
+# by the same angle $p\,\omega_i$. So the export reorders, inside each head, the output rows of `q_proj` and `k_proj`:
+# Llama's feature $j$ is our feature $2j$ for $j < d_h/2$, and our feature $2(j - d_h/2) + 1$ after that. The scores
+# do not change, because $q \cdot k$ is a sum over features and the same permutation $P$ moves both:
+# $(Pq)\cdot(Pk) = q \cdot k$. The values, `o_proj` and everything else stay as they are. `from_hf` applies the
+# inverse permutation.
+
+# %%
+def draw_rope_layouts(d_h: int = 8):
+    """One head's query features in our interleaved RoPE layout and in Llama's halves; arrows: where each row goes."""
+    d = Diagram(12.0, 3.0, f"q_proj and k_proj rows of one head (d_h = {d_h}): interleaved pairs -> Llama's halves")
+    w, gap, x0 = 1.0, 0.25, 1.9
+    for j in range(d_h):
+        ours = f"x{j}\nangle ω{j // 2}"
+        d.box(x0 + j * (w + gap), 1.9, w, 0.7, ours, "model" if j % 2 == 0 else "stage")
+        src = 2 * j if j < d_h // 2 else 2 * (j - d_h // 2) + 1  # Llama's feature j is our feature src
+        d.box(x0 + j * (w + gap), 0.2, w, 0.7, f"x{src}\nangle ω{src // 2}", "model" if j < d_h // 2 else "stage")
+        d.arrow(x0 + src * (w + gap) + w / 2, 1.9, x0 + j * (w + gap) + w / 2, 0.9)
+    d.ax.text(0.1, 2.25, "dslib\n(pairs 2i, 2i+1)", fontsize=8, va="center")
+    d.ax.text(0.1, 0.55, "Llama\n(pairs i, i+d/2)", fontsize=8, va="center")
+    d.show()
+
+
+draw_rope_layouts()
+
+# %% [markdown]
+# The top row is one head of our queries: a blue and an orange box side by side are a pair, rotated together by the
+# angle of frequency $\omega_i$. The bottom row is the same head as Llama stores it: all first members of the pairs
+# (blue), then all second members (orange), so pair $i$ sits at positions $i$ and $i + d_h/2$. With GQA the same
+# reordering runs over the `n_kv_head` heads of `k_proj`. Before the code, four small pieces: the table of names, the
+# permutation (`rope_halves_order`), and the two translations of the configuration.
+
+# %%
+#| export transformer
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json")  # what to_hf writes
+_LLAMA_LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+                **{f"attn.{p}": f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+
+
+def llama_names(n_layer: int) -> dict[str, str]:
+    """Transformer's parameter names -> transformers LlamaForCausalLM's tensor names, for n_layer layers."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        for ours, theirs in _LLAMA_LAYER.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def rope_halves_order(head_dim: int) -> torch.Tensor:
+    """Llama's feature j of a head is our feature order[j]: order = 0, 2, 4, ..., d-2, 1, 3, ..., d-1. Our pairs
+    (x[2i], x[2i+1]) become Llama's halves (x[i], x[i + d/2]), rotated by the same angle."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int, to_llama: bool) -> torch.Tensor:
+    """Reorder the output rows of a q_proj or k_proj weight (n_heads * head_dim, d_model) inside each head: from our
+    interleaved RoPE layout to Llama's halves (to_llama), or back. Scores q.k do not change: q and k move alike."""
+    order = rope_halves_order(w.shape[0] // n_heads)
+    if not to_llama:
+        order = torch.argsort(order)  # the inverse permutation
+    return rearrange(rearrange(w, "(h d) m -> h d m", h=n_heads)[:, order], "h d m -> (h d) m")
+
+# %%
+# The permutation against Llama's rotation written from its definition: rotate_half(x) = (-x[d/2:], x[:d/2]), and
+# x' = x cos + rotate_half(x) sin with each angle used twice. Rotating in our layout and then reordering must equal
+# reordering and then rotating the Llama way.
+q = torch.randn(2, 3, 7, 8)  # (b, h, t, d_h)
+cos, sin = rope_cos_sin(torch.arange(7).expand(2, 7), 8)  # (b, t, d_h/2)
+order = rope_halves_order(8)
+ql = q[..., order]  # the same queries in Llama's layout
+rotate_half = torch.cat([-ql[..., 4:], ql[..., :4]], dim=-1)
+llama = ql * torch.cat([cos, cos], -1)[:, None] + rotate_half * torch.cat([sin, sin], -1)[:, None]
+assert torch.allclose(apply_rope(q, cos, sin)[..., order], llama, atol=1e-6)
+w = torch.randn(3 * 8, 16)  # a q_proj of 3 heads
+assert torch.equal(permute_rope_rows(permute_rope_rows(w, 3, to_llama=True), 3, to_llama=False), w)
+print("Llama row j = our row", order.tolist(), "; rotations agree; the permutation inverts")
+
+# %%
+#| export transformer
+def llama_config(c: TransformerConfig, dtype: torch.dtype = torch.float32, tokenizer=None) -> dict:
+    """config.json of the transformers Llama model that computes what a Transformer with config c computes. rope_theta
+    is written twice, in rope_parameters (transformers 5) and at the top level (older versions)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    ids = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                                        "pad_token_id": tokenizer.pad_id}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "initializer_range": c.init_std,
+            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+            "tie_word_embeddings": False, "torch_dtype": dtype_name, "dtype": dtype_name, "use_cache": True, **ids}
+
+
+def config_from_llama(raw: dict, where: str = "config.json") -> tuple[TransformerConfig, bool]:
+    """(TransformerConfig, tie_word_embeddings) from a Llama config.json. What Transformer cannot compute (another
+    model_type, RoPE scaling, biases, another activation, heads narrower or wider than hidden_size / heads) is refused
+    with a ValueError naming the field; fields Llama has defaults for take Llama's defaults."""
+    def refuse(field: str, why: str) -> ValueError:
+        return ValueError(f"{where}: {field}={raw.get(field)!r} is not supported: {why}")
+
+    if raw.get("model_type") != "llama":
+        raise refuse("model_type", "Transformer.from_hf reads Llama folders (DeepSeek LLM's architecture) only")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if field not in raw:
+            raise ValueError(f"{where}: the field {field!r} is missing (a Llama config.json needs it)")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise refuse("hidden_act", "dslib's SwiGLU uses silu")
+    for field in ("attention_bias", "mlp_bias"):
+        if raw.get(field, False):
+            raise refuse(field, "dslib's projections have no bias")
+    rope = raw.get("rope_parameters") or {}
+    for field, value in (("rope_scaling", raw.get("rope_scaling") or {}), ("rope_parameters", rope)):
+        if value.get("rope_type", value.get("type", "default")) != "default":
+            raise refuse(field, "dslib's RoPE has no scaling (rope_type 'default' only)")
+    if rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise refuse("partial_rotary_factor", "dslib's RoPE rotates every feature of a head")
+    heads = raw["num_attention_heads"]
+    if raw.get("head_dim") is not None and raw["head_dim"] * heads != raw["hidden_size"]:
+        raise refuse("head_dim", f"dslib's heads split hidden_size={raw['hidden_size']} evenly into {heads}")
+    try:
+        config = TransformerConfig(
+            vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layer=raw["num_hidden_layers"], n_head=heads,
+            n_kv_head=raw.get("num_key_value_heads") or heads, intermediate_size=raw["intermediate_size"],
+            max_seq_len=raw.get("max_position_embeddings", 2048),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            norm_eps=raw.get("rms_norm_eps", 1e-6), init_std=raw.get("initializer_range", 0.02))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return config, bool(raw.get("tie_word_embeddings", False))
+
+# %% [markdown]
+# `config_from_llama` refuses, with the field in the message, everything a Llama folder can say that our `Transformer`
+# cannot compute: another `model_type`, RoPE scaling (YaRN, `llama3`, linear), biases, an activation other than silu,
+# partial rotary embeddings, a `head_dim` that does not split `hidden_size` evenly. Loading a model that computes
+# something else would be a silent wrong answer. Fields that Llama has defaults for (`num_key_value_heads`,
+# `rms_norm_eps`, `rope_theta`, `max_position_embeddings`) take Llama's defaults. A folder with
+# `tie_word_embeddings` (one matrix for the embedding and the head) is accepted: our model keeps two matrices, so the
+# head becomes a copy of the embedding, which computes the same logits.
+#
+# Writing is where a crash does harm, so `write_hf_folder` (chapter 04's V3 export uses it too) writes the whole
+# folder into a hidden temporary folder beside the target and renames it into place at the end: an interrupted
+# export leaves the old folder (at worst moved aside to a hidden sibling) or nothing, never a folder with new weights
+# and an old config. It refuses to replace a folder that holds files it did not write.
+
+# %%
+#| export transformer
+def llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A dense Transformer's weights under LlamaForCausalLM's names, q_proj and k_proj rows permuted per head to
+    Llama's RoPE layout (permute_rope_rows), as contiguous CPU tensors."""
+    c, state = model.config, model.state_dict()
+    names = llama_names(c.n_layer)
+    extra = [k for k in state if k not in names]
+    if extra or len(state) != len(names):
+        raise TypeError(f"to_hf writes a dense Transformer as Llama; {type(model).__name__} has {extra[:1] or 'fewer'} "
+                        f"tensors that a Llama model has no place for")
+    out = {}
+    for ours, theirs in names.items():
+        w = state[ours].detach().to("cpu")
+        if ours.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_rope_rows(w, c.n_head if ".q_proj" in ours else c.n_kv_head, to_llama=True)
+        out[theirs] = w.clone().contiguous()  # a copy: save_file refuses tensors that share memory
+    return out
+
+
+def write_hf_folder(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor], generation: dict,
+                    tokenizer=None, model_max_length: int | None = None) -> Path:
+    """Write a transformers folder: config.json, generation_config.json, model.safetensors and, with a tokenizer, its
+    files. Everything is written into a hidden temporary folder beside `directory`, which then replaces it, so an
+    interrupted export never leaves a folder that looks complete. An existing folder is replaced only when it is
+    empty or holds nothing but files that to_hf writes (HF_FILES). Used by every to_hf of dslib."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder: to_hf writes a folder")
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in HF_FILES)
+        if foreign:
+            raise FileExistsError(f"{directory} holds {foreign[0]!r}, which to_hf did not write: to_hf replaces the "
+                                  f"whole folder, so it writes into a new, an empty or an earlier to_hf folder only")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},  # copies: save_file
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})  # refuses tensors sharing memory
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.to_hf(tmp, model_max_length=model_max_length)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private to its owner
+        if directory.exists():  # move the old folder aside, the new one in, then delete the old one
+            old = tmp.with_suffix(".old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def hf_generation_config(max_length: int, tokenizer=None) -> dict:
+    """generation_config.json: greedy up to max_length; with a tokenizer, its ids, stopping where the course's
+    `complete` stops too (after </answer>, when there is one)."""
+    generation = {"max_length": max_length, "do_sample": False}
+    if tokenizer is not None:
+        stops = [tokenizer.eos_id] + [tokenizer.stoi[s] for s in ("</answer>",) if s in tokenizer.stoi]
+        generation.update(bos_token_id=tokenizer.bos_id, eos_token_id=stops, pad_token_id=tokenizer.pad_id)
+    return generation
+
+
+def write_llama(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Transformer.to_hf: a transformers Llama folder (write_hf_folder, above) of `model`, with the tokenizer's files
+    and token ids when one is given."""
+    c = model.config
+    if tokenizer is not None and tokenizer.vocab_size != c.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is {c.vocab_size}")
+    tensors = llama_state_dict(model)
+    dtype = next(iter(tensors.values())).dtype
+    return write_hf_folder(directory, llama_config(c, dtype, tokenizer), tensors,
+                           hf_generation_config(c.max_seq_len, tokenizer), tokenizer, model_max_length=c.max_seq_len)
+
+# %% [markdown]
+# Reading checks the tensors against the config before it loads any: every name that a Llama model of that config
+# has must be there, nothing else may be (a leftover layer, a quantisation scale), and each shape must be the one the
+# config implies, with the tensor named in the error. Then the rows of `q_proj` and `k_proj` go back to our layout.
+
+# %%
+#| export transformer
+def read_llama(directory: str | Path, cls: type | None = None) -> "Transformer":
+    """Transformer.from_hf: read a transformers Llama folder (config.json and every *.safetensors file in it) with
+    json and safetensors only (no transformers, nothing unpickled), into a float32 Transformer. Raises ValueError
+    naming the field that Transformer cannot represent (config_from_llama) or the tensor that does not fit the config
+    (missing, unexpected, wrong shape). With tie_word_embeddings, the output head is a copy of the embedding."""
+    from safetensors import safe_open
+
+    cls = Transformer if cls is None else cls
+    if cls.__init__ is not Transformer.__init__:
+        raise TypeError(f"{cls.__name__}.from_hf: a Llama folder holds a dense Transformer, not a {cls.__name__}")
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: from_hf needs a Llama folder with config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    config, tied = config_from_llama(raw, str(path))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):  # one file, or the shards of a large model
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name in tensors:
+                    raise ValueError(f"{directory}: tensor {name!r} is stored twice (again in {f.name})")
+                tensors[name] = st.get_tensor(name)
+    if not tensors:
+        raise FileNotFoundError(f"no *.safetensors file with tensors in {directory}")
+    names = llama_names(config.n_layer)
+    if tied and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # one matrix in Llama, two copies in dslib
+    theirs = set(names.values())
+    unexpected = sorted(k for k in tensors if k not in theirs and not k.endswith("rotary_emb.inv_freq"))
+    missing = [k for k in names.values() if k not in tensors]
+    if missing:
+        raise ValueError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{directory}: tensor {unexpected[0]!r} is not part of the Llama model that config.json "
+                         f"describes ({len(unexpected)} unexpected in all)")
+    model = cls(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = {}
+    for ours, name in names.items():
+        w = tensors[name]
+        if w.shape != shapes[ours]:
+            raise ValueError(f"{directory}: tensor {name!r} has shape {tuple(w.shape)}, but config.json implies "
+                             f"{tuple(shapes[ours])}")
+        if ours.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_rope_rows(w, config.n_head if ".q_proj" in ours else config.n_kv_head, to_llama=False)
+        state[ours] = w
+    model.load_state_dict(state)  # copies into the float32 parameters
+    return model
+
+# %% [markdown]
+# The tokenizer travels too. The `tokenizers` library builds one from parts: a `WordLevel` model over our 104 ids, a
+# pre-tokenizer that cuts the text into single characters, and the eight specials as *added tokens*, which the
+# library finds in the text before cutting it, the longest match first where two start at the same place, as our
+# `encode` does. A post-processor puts `<bos>` in front, so `tok(prompt)` is `encode(prompt, bos=True)`, the way every
+# chapter encodes a prompt (`add_special_tokens=False` gives `encode(prompt)`). Only `<pad>`, `<bos>` and `<eos>` are
+# marked special, so `skip_special_tokens=True` drops what our `decode` drops and keeps the tags and " wait ", which
+# are part of the text. A character outside the vocabulary is an error there as here, since `WordLevel` is given no
+# unknown token to fall back on. The function lives in `dslib.world`, beside the tokenizer.
+
+# %%
+#| export
+def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_length: int | None = None) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory, so that
+    transformers.AutoTokenizer.from_pretrained(directory) gives the ids of `tokenizer`: a WordLevel model over the same
+    vocabulary, one piece per character, every special token an added token matched before the characters are split,
+    and a post-processor that puts <bos> in front (tok(text) is tokenizer.encode(text, bos=True), as the course
+    encodes prompts; add_special_tokens=False gives encode(text)). <pad>, <bos> and <eos> are marked special, so
+    skip_special_tokens drops them as decode does; the tags and " wait " are not. A character outside the vocabulary
+    is an error there too (WordLevel has no unknown token). Each file is written to a temporary name and renamed."""
+    try:
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError as e:
+        raise ImportError("Tokenizer.to_hf needs the `tokenizers` package (it comes with transformers): "
+                          "pip install tokenizers") from e
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder: Tokenizer.to_hf writes files into a folder")
+    roles = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    marked = {role: s for role, s in roles.items() if s in tokenizer.specials}  # the tokens decode skips
+    hf = HFTokenizer(models.WordLevel(dict(tokenizer.stoi), unk_token=None))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character its own piece
+    hf.decoder = decoders.Fuse()  # decoding joins the pieces with nothing between them
+    hf.add_tokens([AddedToken(s, normalized=False, special=False)
+                   for s in tokenizer.specials if s not in marked.values()])
+    hf.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in marked.values()])
+    if "bos_token" in marked:
+        hf.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos>:1 $B:1", special_tokens=[("<bos>", tokenizer.bos_id)])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **marked, "clean_up_tokenization_spaces": False,
+              "padding_side": "left"}  # left: a batch of prompts ends at the same column, as generation needs
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    atomic_write_text(directory / "tokenizer.json", hf.to_str(pretty=True))
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(marked, indent=2) + "\n")
+    return directory
+
+# %% [markdown]
+# Now the round trip on section 5's base model. `to_hf` writes the folder (with the world's tokenizer) into a
+# temporary folder, and `from_hf` reads it back: the weights must come back bit for bit, since the two permutations
+# undo each other and nothing is rounded on the way.
+
+# %%
+import json
+
+export_dir = Path(tempfile.mkdtemp(prefix="ch00-llama-")) / "deepseek-llm-mini"  # removed at the end of this section
+model.to_hf(export_dir, tokenizer=world.tokenizer)
+reloaded = Transformer.from_hf(export_dir).eval()  # float32, on the CPU
+llama_round_trip = all(torch.equal(p.detach().cpu(), q) for p, q in zip(model.state_dict().values(),
+                                                                         reloaded.state_dict().values()))
+print("files:", ", ".join(sorted(p.name for p in export_dir.iterdir())))
+print(f"{reloaded.num_params():,} parameters read back; identical to the trained model's: {llama_round_trip}")
+print(json.dumps({k: json.loads((export_dir / "config.json").read_text())[k]
+                  for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "head_dim", "rope_parameters")}))
+
+# %% [markdown]
+# The real test is code that no one here wrote. transformers loads the folder as a `LlamaForCausalLM` and the
+# tokenizer as a fast tokenizer, and three things must agree with dslib: the token ids of validation documents, the
+# logits on them (float32 on the CPU for both, so only rounding may differ), and greedy decoding of held-out prompts,
+# which transformers' `generate` does with its own KV cache and left padding, and dslib's `complete` with ours. The
+# cell also loads the same weights *without* the RoPE permutation, to measure what forgetting it costs.
+# (Skipped where transformers is not installed.)
+
+# %%
+hf_checked = importlib.util.find_spec("transformers") is not None
+if hf_checked:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(export_dir)
+    docs = [d.text for d in world.validation()[:32]]
+    hf_same_ids = all(hf_tok(t)["input_ids"] == world.tokenizer.encode(t, bos=True) for t in docs)
+    ids = hf_tok(docs, padding=True, padding_side="right", return_tensors="pt")["input_ids"]  # causal: pads are last
+    with torch.no_grad():
+        ours_logits, hf_logits = reloaded(ids), hf_model(ids).logits
+        hf_logit_diff = (ours_logits - hf_logits).abs().max().item()
+        heads = {"q_proj": reloaded.config.n_head, "k_proj": reloaded.config.n_kv_head}
+        unpermuted = {k: permute_rope_rows(w, heads[k.split(".")[-2]], to_llama=False)
+                      if k.split(".")[-2] in heads else w for k, w in hf_model.state_dict().items()}
+        wrong = AutoModelForCausalLM.from_config(hf_model.config).eval()
+        wrong.load_state_dict(unpermuted)
+        unpermuted_diff = (ours_logits - wrong(ids).logits).abs().max().item()
+    problems = world.heldout[:24]
+    ours_text = complete(reloaded, world.tokenizer, world.prompts(problems))  # dslib's greedy decoding
+    enc = hf_tok(world.prompts(problems), padding=True, return_tensors="pt")  # left-padded
+    out = hf_model.generate(**enc, do_sample=False, max_new_tokens=64,
+                            eos_token_id=hf_tok.convert_tokens_to_ids("</answer>"))  # complete stops there only
+    hf_text = hf_tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    hf_same_text = hf_text == ours_text
+    print(f"AutoTokenizer ids == dslib's on {len(docs)} documents: {hf_same_ids}")
+    print(f"max |logit difference|, dslib vs LlamaForCausalLM, {ids.numel()} positions: {hf_logit_diff:.1e} "
+          f"(without the RoPE permutation: {unpermuted_diff:.2f})")
+    print(f"greedy text, transformers' generate == dslib's complete on {len(problems)} held-out prompts: "
+          f"{hf_same_text}")
+    print("for example:", repr(world.prompts(problems)[0] + hf_text[0]))
+    assert hf_same_ids and hf_logit_diff < 1e-4 and hf_same_text
+else:
+    print("transformers is not installed: the comparison is skipped (pip install transformers)")
+
+# %% [markdown]
+# What to read in the printout: the logit difference with the permutation against the one without. The first is
+# float32 rounding between two implementations that add the same numbers in different orders; the second is what a
+# loader that only renames tensors would give, a model that runs without an error and computes something else. Greedy
+# decoding is the stricter test of the two in one sense: a single flipped argmax in 24 completions of up to 64 tokens
+# would make the texts differ.
+#
+# Last, a folder that Transformer cannot represent. A config that asks for YaRN RoPE scaling (DeepSeek-V3's released
+# checkpoints do) must be refused by name, not loaded with plain RoPE; the unit tests try the other refusals (another
+# `model_type`, a missing field, a missing tensor, a tensor of the wrong shape).
+
+# %%
+raw = json.loads((export_dir / "config.json").read_text())
+(export_dir / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+try:
+    Transformer.from_hf(export_dir)
+except ValueError as e:
+    print("ValueError:", str(e).replace(str(export_dir), "<folder>"))
+shutil.rmtree(export_dir.parent)
+
+# %% [markdown]
 # ## 6. Explore the world
 #
 # Move the knobs of the world: the longest chain, how often plain steps slip, how much of the corpus reflects
@@ -2558,6 +3046,9 @@ saved_to = ledger.save()  # _build/ledger/00.json: `python -m dslib.book ledger`
 #   function of its step.
 # - **How to read a base model.** Greedy against sampled accuracy, and accuracy by style: the two measurements that
 #   say whether a 0.8M-parameter model has something for RL to amplify.
+# - **A model that travels.** `to_hf` and `from_hf` write and read transformers' Llama folders: names that map one to
+#   one, a per-head permutation of the query and key rows between two RoPE layouts, the world's tokenizer rebuilt from
+#   `tokenizers`' parts, and refusals, by name, of every config or tensor that the model cannot represent.
 #
 # **Next.** Chapter 01 asks how big a model should be for a given compute budget, and at which learning rate and
 # batch size to train it: DeepSeek LLM's scaling laws (section 3), rebuilt as IsoFLOP sweeps of this chapter's
@@ -2753,7 +3244,8 @@ saved_to = ledger.save()  # _build/ledger/00.json: `python -m dslib.book ledger`
 # loss is near $\ln 104 \approx 4.6$); the base model solves some held-out problems but fewer than 90%, greedy and
 # sampled, leaving room for RL to improve; all three styles appear in its sampled completions; the schedule comparison
 # gives finite losses within 20% of each other (a loose guard against a broken schedule; the ledger holds the 2%
-# claim); and the resume and NaN-guard tests of section 5 passed.
+# claim); the resume and NaN-guard tests of section 5 passed; and the Llama export came back bit for bit and, where
+# transformers is installed, gave its ids, logits (within $10^{-4}$) and greedy text.
 
 # %%
 assert history["eval_loss"][-1] < 0.7 < history["eval_loss"][0], history["eval_loss"]
@@ -2761,4 +3253,5 @@ assert 0.0 < greedy_acc < 0.9 and 0.0 < sampled_acc < 0.9, (greedy_acc, sampled_
 assert {"bare", "steps", "reflects"} <= set(by_style), by_style.keys()
 assert all(np.isfinite(list(final.values()))) and abs(rel) < 0.2, final
 assert resume_exact and nan_guard_fired
+assert llama_round_trip and (not hf_checked or (hf_same_ids and hf_logit_diff < 1e-4 and hf_same_text))
 print(f"chapter 00 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")

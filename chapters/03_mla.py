@@ -32,7 +32,9 @@
 # 3. a race of MHA, GQA, MQA and MLA at equal parameter counts on the arithmetic world (section 3);
 # 4. decoding at growing context lengths: time per token and cache memory (section 4);
 # 5. the cache of the real models, DeepSeek-V2 and V3 against DeepSeek 67B and LLaMA-2-70B, and where the paper's
-#    "93.3% smaller" comes from (section 5).
+#    "93.3% smaller" comes from (section 5);
+# 6. YaRN, the change of RoPE's rotation speeds that takes V2 and V3 from 4K to 128K tokens, as `MLAConfig`'s
+#    `rope_scaling` reads it from the released `config.json` files (section 6).
 #
 # **Why it matters for DeepSeek.** Every attention layer of DeepSeek-V2 (60 of them) and of DeepSeek-V3 (61) is MLA.
 # Both models accept contexts of 128k tokens, and MLA is what keeps the cache of such a context small enough to hold
@@ -45,8 +47,8 @@
 # chapter is sized to run in under 3 minutes at `small` scale on 2 CPU cores.
 #
 # **Papers.** DeepSeek-V2 (arXiv 2405.04434), section 2.1 (MLA) and Appendix C (its full formulas); Appendix D (the
-# ablations of the attention kinds). Names follow DeepSeek-V3's reference code (`inference/model.py`), so that you can
-# hold `dslib.mla` next to it.
+# ablations of the attention kinds); section 3.1.4 (long context), with YaRN (arXiv 2309.00071). Names follow
+# DeepSeek-V3's reference code (`inference/model.py`), so that you can hold `dslib.mla` next to it.
 #
 # Cells that start with `#| export` are saved into `dslib` by `python -m dslib.book export`; later chapters import them.
 
@@ -403,6 +405,166 @@ def draw_mla():
 
 draw_mla()
 
+# %% [markdown]
+# One field of the configuration needs code before the configuration itself: `rope_scaling`. Every released
+# DeepSeek-V2 and V3 `config.json` carries a **YaRN** block in it, which changes RoPE's rotation speeds so that a
+# model trained on 4K-token sequences can read 128K. Section 6 explains what YaRN does and checks these functions
+# against a slow reference; until then every model in this chapter has `rope_scaling=None`, plain RoPE, for which the
+# functions below reduce exactly to chapter 00's `rope_cos_sin`. First the block itself: the validator accepts the
+# released files' spelling (`"type": "yarn"`) and transformers' (`"rope_type"`), fills in YaRN's defaults, and
+# returns one normalised dict, or `None` for plain RoPE.
+
+# %%
+#| export
+ROPE_TYPES = ("default", "yarn")
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rope_scaling(rope_scaling: dict | None) -> dict | None:
+    """Validate a config.json rope_scaling block (YaRN, arXiv 2309.00071, as DeepSeek-V2/V3 configure it).
+    None, {} or a 'default' block -> None (plain RoPE). A YaRN block (key 'rope_type', or the older 'type', equal to
+    'yarn') -> a normalised dict: rope_type='yarn', factor, original_max_position_embeddings, beta_fast (default 32),
+    beta_slow (default 1), mscale (default 1.0), mscale_all_dim (default 0.0: not set), plus attention_factor and
+    truncate only if given. Other keys (rope_theta, ...) are ignored. Raises ValueError naming the missing or bad
+    field, or the unknown rope type."""
+    if rope_scaling is None:
+        return None
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"rope_scaling={rope_scaling!r} is invalid: None or a dict (a config.json rope_scaling "
+                         f"block) is required")
+    if not rope_scaling:
+        return None
+    kinds = {key: rope_scaling[key] for key in ("rope_type", "type") if rope_scaling.get(key) is not None}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"rope_scaling['rope_type']={kinds['rope_type']!r} and rope_scaling['type']="
+                         f"{kinds['type']!r} disagree: give one rope type")
+    if not kinds:
+        raise ValueError(f"rope_scaling['rope_type'] is missing (or the older key 'type'): one of {ROPE_TYPES} is "
+                         f"required")
+    kind = next(iter(kinds.values()))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling['rope_type']={kind!r} is invalid: one of {ROPE_TYPES} is supported")
+
+    def bad(name: str, allowed: str) -> ValueError:
+        return ValueError(f"rope_scaling[{name!r}]={rope_scaling[name]!r} is invalid: {allowed}")
+
+    for name in ("factor", "original_max_position_embeddings"):
+        if rope_scaling.get(name) is None:
+            raise ValueError(f"rope_scaling[{name!r}] is missing: a YaRN block needs factor and "
+                             f"original_max_position_embeddings (DeepSeek-V2/V3: 40 and 4096)")
+    out = {"rope_type": "yarn"}
+    if not (_is_number(rope_scaling["factor"]) and rope_scaling["factor"] > 0):
+        raise bad("factor", "a positive number is required")
+    out["factor"] = float(rope_scaling["factor"])
+    if not _is_positive_int(rope_scaling["original_max_position_embeddings"]):
+        raise bad("original_max_position_embeddings", "a positive int is required")
+    out["original_max_position_embeddings"] = rope_scaling["original_max_position_embeddings"]
+    for name, default in YARN_DEFAULTS.items():
+        value = rope_scaling.get(name)
+        if value is None:
+            value = default
+        elif not (_is_number(value) and (value >= 0 if name == "mscale_all_dim" else value > 0)):
+            raise bad(name, "a number >= 0 (0: not set) is required" if name == "mscale_all_dim"
+                      else "a positive number is required")
+        out[name] = float(value)
+    if not out["beta_fast"] > out["beta_slow"]:
+        raise ValueError(f"rope_scaling['beta_fast']={out['beta_fast']!r} is invalid: it must exceed "
+                         f"beta_slow={out['beta_slow']!r} (pairs turning more than beta_fast times are kept)")
+    if rope_scaling.get("attention_factor") is not None:
+        if not (_is_number(rope_scaling["attention_factor"]) and rope_scaling["attention_factor"] > 0):
+            raise bad("attention_factor", "a positive number is required")
+        out["attention_factor"] = float(rope_scaling["attention_factor"])
+    if rope_scaling.get("truncate") is not None:
+        if not isinstance(rope_scaling["truncate"], bool):
+            raise bad("truncate", "True or False is required")
+        out["truncate"] = rope_scaling["truncate"]
+    return out
+
+# %% [markdown]
+# Then the frequencies. RoPE turns pair $i$ of a $d$-wide RoPE vector by $\theta_i = \theta^{-2i/d}$ radians per
+# position. YaRN keeps the fast pairs as they are, divides the slow ones by the extension factor $s$, and blends the
+# pairs in between along a linear ramp; it also returns a factor for cos and sin, and one for the softmax scale. The
+# formulas are spelled out in section 6.
+
+# %%
+#| export
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor 0.1 mscale ln(s) + 1 for a scale s > 1, else 1 (YaRN, arXiv 2309.00071, section 3.4;
+    DeepSeek-V2, section 3.1.4, writes it 0.0707 ln s + 1: mscale 0.707)."""
+    return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def yarn_correction_range(dim: int, theta: float, rope_scaling: dict) -> tuple[float, float]:
+    """The ramp's ends (low, high), as pair indices: pair i turns L theta^(-2i/dim) / (2 pi) times in the original
+    context L, and low, high are the pairs that turn beta_fast and beta_slow times, floored and ceiled when truncate
+    (default True), clamped to [0, dim - 1]; high gets +0.001 when they are equal."""
+    rs = check_rope_scaling(rope_scaling)
+    if rs is None:
+        raise ValueError("rope_scaling=None has no correction range: a YaRN block is required")
+
+    def pair_turning(turns: float) -> float:  # the (fractional) pair index that turns `turns` times in L
+        return dim * math.log(rs["original_max_position_embeddings"] / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(rs["beta_fast"]), pair_turning(rs["beta_slow"])
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    return low, (high + 0.001 if low == high else high)
+
+
+def rope_frequencies(dim: int, theta: float, rope_scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies inv_freq (dim/2,) float32, and the attention factor that multiplies cos and sin.
+    Without scaling: theta^(-2i/dim), exactly as dslib.transformer.rope_cos_sin, and 1.0. YaRN (arXiv 2309.00071,
+    DeepSeek-V2 section 3.1.4): inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp), ramp_i = clamp((i - low)
+    / (high - low), 0, 1) over the yarn_correction_range; the factor is attention_factor if given, else
+    yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) when both are set, else yarn_mscale(factor)."""
+    if not (_is_positive_int(dim) and dim % 2 == 0):
+        raise ValueError(f"dim={dim!r} is invalid: a positive even int is required (RoPE rotates pairs)")
+    if not (_is_number(theta) and theta > 0):
+        raise ValueError(f"theta={theta!r} is invalid: a positive number is required")
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,): rope_cos_sin's
+    rs = check_rope_scaling(rope_scaling)
+    if rs is None:
+        return inv_freq, 1.0
+    if not theta > 1:
+        raise ValueError(f"theta={theta!r} is invalid: YaRN needs theta > 1 (it divides by ln theta)")
+    low, high = yarn_correction_range(dim, theta, rs)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: kept, 1: divided
+    inv_freq = inv_freq / rs["factor"] * ramp + inv_freq * (1 - ramp)
+    if "attention_factor" in rs:
+        factor = rs["attention_factor"]
+    elif rs["mscale"] and rs["mscale_all_dim"]:
+        factor = yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+    else:
+        factor = yarn_mscale(rs["factor"])
+    return inv_freq, float(factor)
+
+
+def scaled_rope_cos_sin(positions: torch.Tensor, dim: int, theta: float,
+                        rope_scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (..., t, dim/2) of integer positions (..., t), like dslib.transformer.rope_cos_sin, with YaRN's
+    frequencies and its factor on both; rope_scaling None gives rope_cos_sin's result exactly."""
+    if check_rope_scaling(rope_scaling) is None:
+        return rope_cos_sin(positions, dim, theta)
+    inv_freq, factor = rope_frequencies(dim, theta, rope_scaling)
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (..., t, dim/2)
+    return angles.cos() * factor, angles.sin() * factor
+
+
+def yarn_softmax_factor(rope_scaling: dict | None) -> float:
+    """The multiplier of MLA's softmax scale 1/sqrt(d_h + d_h^R): yarn_mscale(factor, mscale_all_dim) ** 2 when
+    mscale_all_dim is set (DeepSeek's reference code, transformers' DeepseekV2/V3), else 1."""
+    rs = check_rope_scaling(rope_scaling)
+    if rs is None or not rs["mscale_all_dim"]:
+        return 1.0
+    return yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+
 # %%
 #| export
 @dataclass
@@ -410,7 +572,9 @@ class MLAConfig:
     """The shape of an MLA layer, with DeepSeek-V3's reference names (DeepSeek-V2, arXiv 2405.04434, section 2.1):
     d_model is d (the hidden size), n_head n_h, q_lora_rank d'_c (0 or None: no query compression), kv_lora_rank d_c,
     qk_nope_head_dim d_h, qk_rope_head_dim d_h^R (even: RoPE rotates pairs), v_head_dim the per-head value width.
-    V2 and V3 use n_h = 128, d_h = v = 128, d_c = 512, d'_c = 1536, d_h^R = 64."""
+    V2 and V3 use n_h = 128, d_h = v = 128, d_c = 512, d'_c = 1536, d_h^R = 64. rope_scaling: None (plain RoPE) or a
+    config.json rope_scaling block, YaRN in V2 and V3 (factor 40 from 4096 positions); stored normalised by
+    check_rope_scaling."""
 
     d_model: int = 128
     n_head: int = 4
@@ -421,6 +585,7 @@ class MLAConfig:
     v_head_dim: int = 32
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    rope_scaling: dict | None = None
 
     def _invalid(self, name: str, allowed: str) -> ValueError:
         return ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is invalid: {allowed}")
@@ -443,6 +608,12 @@ class MLAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise self._invalid(name, "a positive number is required")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        except ValueError as err:
+            raise self._invalid("rope_scaling", str(err)) from None
+        if self.rope_scaling is not None and not self.rope_theta > 1:
+            raise self._invalid("rope_theta", "a number > 1 is required with YaRN (it divides by ln rope_theta)")
 
     @property
     def qk_head_dim(self) -> int:
@@ -455,7 +626,10 @@ class MLAConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["rope_scaling"] is None:  # so a config without YaRN (and any key hashed from it) reads as it did before
+            del d["rope_scaling"]
+        return d
 
 
 @dataclass(kw_only=True)
@@ -600,7 +774,9 @@ class MLA(nn.Module):
     q_lora_rank is 0. Keys and values: [c^KV; k^R] = [W^DKV; W^KR] h (wkv_a), c^KV <- RMSNorm(c^KV) (kv_norm),
     k^R <- RoPE(k^R), one RoPE key shared by all heads; [k^C_i; v^C_i] = [W^UK_i; W^UV_i] c^KV (wkv_b).
     Per head q_i = [q^C_i; q^R_i], k_i = [k^C_i; k^R]; o_i = softmax(q_i . k_i / sqrt(d_h + d_h^R)) v^C_i; u = W^O o
-    (wo). RoPE rotates interleaved pairs, as the reference code does. Only c^KV and k^R are cached (MLACache).
+    (wo). RoPE rotates interleaved pairs, as the reference code does. Only c^KV and k^R are cached (MLACache). With
+    YaRN (c.rope_scaling), the softmax scale is multiplied by yarn_softmax_factor, and the caller's cos and sin are
+    scaled_rope_cos_sin's.
 
     mode "naive" decompresses k^C and v^C per head; mode "absorb" attends in the latent space: scores
     (W^UK_i^T q^C_i) . c^KV + q^R_i . k^R and output W^O [W^UV_i (p_i . c^KV)]_i. Both give the same result."""
@@ -619,7 +795,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps)
         self.wkv_b = nn.Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W^UK_i; W^UV_i]
         self.wo = nn.Linear(h * c.v_head_dim, c.d_model, bias=False)  # W^O
-        self.softmax_scale = qk_head_dim ** -0.5
+        self.softmax_scale = qk_head_dim ** -0.5 * yarn_softmax_factor(c.rope_scaling)  # x 1.0 without YaRN
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, t, d) -> q^C (b, h, t, d_h) and q^R = RoPE(W^QR c^Q) (b, h, t, d_h^R)."""
@@ -818,7 +994,7 @@ class MLATransformer(nn.Module):
         logits_to_keep: as in dslib.transformer.Transformer.forward (k > 0: the output head on the last k positions)."""
         c = self.config
         positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache, c.max_seq_len)
-        cos, sin = rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta)
+        cos, sin = scaled_rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta, c.rope_scaling)
         mode = self.mode if cache is not None else "naive"
         x = self.embed(input_ids)
         for layer in self.layers:
@@ -1032,7 +1208,7 @@ plt.show()
 # models with 16B and 250B parameters, $n_h = 128$ heads and $d_h^R = 64$; this race compares the held-out loss of
 # models with the parameter counts printed above, 4 heads (8 at `full` scale) and a RoPE key of $d_h / 2$ numbers.
 # The miniature reproduces the cache arithmetic exactly, as an identity; the quality claim it can only probe, and the
-# ledger of section 7 records what this run found.
+# ledger of section 8 records what this run found.
 
 # %%
 for s_ in RACE["seeds"]:
@@ -1288,7 +1464,267 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 6. Explore the cache
+# ## 6. Past the original context: YaRN
+#
+# DeepSeek-V2 and V3 were pretrained on sequences of 4K tokens, yet both accept 128K. What stretches them is
+# **YaRN** (Peng et al., arXiv 2309.00071), a change of RoPE's rotation speeds plus a short fine-tuning. V2's section
+# 3.1.4 applies it "specifically ... to the decoupled shared key $k^R_t$ as it is responsible for carrying RoPE", with
+# scale $s = 40$, $\alpha = 1$, $\beta = 32$ and a target length of 160K ($40 \times 4096 = 163{,}840$), then trains
+# 1000 steps at 32K tokens (batch 576) and shows "Needle In A Haystack" results up to 128K (its Figure 4). V3 (section
+# 4.3) goes 4K to 32K to 128K in two phases of 1000 steps with the same $s$, $\alpha$, $\beta$. The released
+# `config.json` files say the same in the reference code's names: `"rope_scaling": {"type": "yarn", "factor": 40,
+# "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": ..., "mscale_all_dim": ...}`,
+# with both `mscale` values 0.707 in V2 and 1.0 in V3. `MLAConfig(rope_scaling=...)` takes that block as it is.
+#
+# **What goes wrong past 4K.** RoPE turns pair $i$ of the $d = d_h^R$ RoPE features by $\theta_i = \theta^{-2i/d}$
+# radians per position (chapter 00), a wavelength of $\lambda_i = 2\pi/\theta_i$ tokens. Within the original context
+# $L$, pair $i$ turns $r_i = L / \lambda_i$ times. Fast pairs ($r_i \gg 1$) have met every angle of their circle many
+# times over during pretraining; a longer context shows them nothing new. Slow pairs ($r_i < 1$) never completed a turn:
+# at position $40L$ they reach angles the model never saw, and that, not the length as such, is what breaks a RoPE
+# model past its training length. Dividing every $\theta_i$ by $s$ (position interpolation) keeps all angles in range
+# but blurs the fast pairs, which tell neighbouring tokens apart.
+#
+# **YaRN's answer**, the paper's "NTK-by-parts" interpolation with a temperature: keep the pairs that turn more than
+# $\beta$ times in $L$, divide by $s$ those that turn fewer than $\alpha$ times, and blend in between. The released code
+# (YaRN's, DeepSeek's reference and transformers') writes the blend as a ramp over the pair index. The boundary pairs
+# are where $r_i$ equals $\beta$ (`beta_fast`) and $\alpha$ (`beta_slow`), rounded outward:
+#
+# $$i(r) = \frac{d \,\ln\!\big(L / (2\pi r)\big)}{2 \ln \theta},\qquad
+#   \text{low} = \lfloor i(\beta_{fast}) \rfloor,\quad \text{high} = \lceil i(\beta_{slow}) \rceil,\qquad
+#   \gamma_i = \mathrm{clamp}\Big(\frac{i - \text{low}}{\text{high} - \text{low}}, 0, 1\Big),\qquad
+#   \theta'_i = (1 - \gamma_i)\,\theta_i + \gamma_i\, \frac{\theta_i}{s}.$$
+#
+# A longer context also flattens attention: the softmax spreads over more keys. YaRN sharpens it again by a factor
+# $\sqrt{1/t} = 0.1 \ln s + 1$ on queries and keys, which multiplies the logits by its square. V2 "adjusts" it to
+# $\sqrt t = 0.0707 \ln s + 1$, "due to our distinct attention mechanism"; that is `mscale_all_dim` = 0.707, since
+# `yarn_mscale(s, m)` is $0.1\, m \ln s + 1$. In MLA only the $d_h^R$ RoPE features pass through cos and sin, so
+# scaling those would sharpen only the RoPE part of each score. The reference code instead leaves cos and sin alone
+# (their factor is `yarn_mscale(s, mscale) / yarn_mscale(s, mscale_all_dim)`, 1 when the two are equal) and
+# multiplies the whole softmax scale $1/\sqrt{d_h + d_h^R}$ by `yarn_mscale(s, mscale_all_dim)` squared:
+# `yarn_softmax_factor`. (DeepSeek's reference code switches YaRN on only when it is set up for sequences longer than
+# `original_seq_len`; transformers and `dslib` switch it on whenever the block is present.)
+#
+# **Check against a slow reference.** The cell below writes $\theta'_i$ out pair by pair in Python floats (float64)
+# and compares `rope_frequencies` with it for V2's and V3's blocks, a block with a smaller context and no rounding,
+# and a narrow RoPE width; then the factors against the closed forms, and plain RoPE against `rope_cos_sin`.
+# (`tests/test_mla.py` also checks the functions against transformers' YaRN for DeepSeek-V2/V3 configurations.)
+
+# %%
+import json
+from importlib.resources import files
+
+# The released config.json files, as transcribed in dslib/configs/ (chapter 04 reads them too).
+released = {name: json.loads((files("dslib") / "configs" / f"deepseek-{name}.json").read_text())
+            for name in ("v2", "v3")}
+V2_YARN, V3_YARN = released["v2"]["rope_scaling"], released["v3"]["rope_scaling"]
+for name, d in released.items():
+    print(f"{name}: rope_theta {d['rope_theta']}, qk_rope_head_dim {d['qk_rope_head_dim']}, max_position_embeddings "
+          f"{d['max_position_embeddings']:,}, rope_scaling {d['rope_scaling']}")
+
+
+def yarn_reference(dim: int, theta: float, block: dict) -> list[float]:
+    """YaRN's rotation speeds theta'_i, one pair at a time in Python floats, from the formulas above."""
+    s, L = block["factor"], block["original_max_position_embeddings"]
+    low = dim * math.log(L / (2 * math.pi * block.get("beta_fast", 32))) / (2 * math.log(theta))
+    high = dim * math.log(L / (2 * math.pi * block.get("beta_slow", 1))) / (2 * math.log(theta))
+    if block.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    speeds = []
+    for i in range(dim // 2):
+        gamma = min(max((i - low) / (high - low if high != low else 0.001), 0.0), 1.0)
+        theta_i = theta ** (-2 * i / dim)
+        speeds.append((1 - gamma) * theta_i + gamma * theta_i / s)
+    return speeds
+
+
+yarn_errors = {}
+for name, dim, block in (("V2", 64, V2_YARN), ("V3", 64, V3_YARN), ("V3, d^R = 8", 8, V3_YARN),
+                         ("L = 512, s = 8, no rounding", 32, {**V3_YARN, "factor": 8,
+                                                              "original_max_position_embeddings": 512,
+                                                              "truncate": False})):
+    ours, _ = rope_frequencies(dim, 10000.0, block)
+    slow = torch.tensor(yarn_reference(dim, 10000.0, block), dtype=torch.float64)
+    yarn_errors[name] = ((ours.double() - slow).abs() / slow).max().item()
+    print(f"{name:<28} max relative |rope_frequencies - per-pair loop| = {yarn_errors[name]:.1e}")
+assert max(yarn_errors.values()) < 1e-6, yarn_errors
+
+v2_sqrt_t = 0.0707 * math.log(40) + 1  # V2, section 3.1.4
+factors = {name: (rope_frequencies(64, 10000.0, b)[1], yarn_softmax_factor(b))
+           for name, b in (("V2", V2_YARN), ("V3", V3_YARN), ("YaRN without mscale", {"type": "yarn", "factor": 40,
+                                                                        "original_max_position_embeddings": 4096}))}
+for name, (cos_factor, softmax_factor) in factors.items():
+    print(f"{name:<20} factor on cos and sin {cos_factor:.4f}, on the softmax scale {softmax_factor:.4f}")
+print(f"V2's sqrt(t) = 0.0707 ln 40 + 1 = {v2_sqrt_t:.4f}, squared {v2_sqrt_t ** 2:.4f}")
+assert abs(factors["V2"][1] - v2_sqrt_t ** 2) < 1e-12 and factors["V2"][0] == factors["V3"][0] == 1.0
+assert abs(factors["YaRN without mscale"][0] - (0.1 * math.log(40) + 1)) < 1e-12
+
+long_positions = torch.arange(2 * 4096).expand(2, -1)
+plain_is_exact = all(torch.equal(a, b) for none in (None, {}, {"rope_type": "default", "rope_theta": 1e4})
+                     for a, b in zip(scaled_rope_cos_sin(long_positions, 64, 1e4, none),
+                                     rope_cos_sin(long_positions, 64, 1e4)))
+print(f"without scaling, scaled_rope_cos_sin == rope_cos_sin bit for bit: {plain_is_exact}")
+assert plain_is_exact
+
+# %% [markdown]
+# A block with a field missing, or a rope type that `dslib` does not implement, is refused with the field's name:
+
+# %%
+for bad in ({"type": "yarn", "original_max_position_embeddings": 4096}, {"type": "yarn", "factor": 40},
+            {"type": "linear", "factor": 4}, {**V3_YARN, "beta_fast": 0.5}):
+    try:
+        MLAConfig(rope_scaling=bad)
+    except ValueError as e:
+        print("ValueError:", e)
+
+# %% [markdown]
+# **The frequencies of DeepSeek-V3.** V3's RoPE key has $d_h^R = 64$ features, 32 pairs, $\theta = 10{,}000$, and its
+# block says $s = 40$ from $L = 4096$. The left panel shows each pair's wavelength before and after YaRN, with the two
+# boundary pairs; the right panel what a context of $sL = 163{,}840$ tokens shows each pair: the share of its circle
+# that those positions reach but the first $L$ positions of pretraining never did (0 where pretraining already went
+# round, or where the angles stay within the pretrained range).
+
+# %%
+DIM_R, THETA_R = released["v3"]["qk_rope_head_dim"], float(released["v3"]["rope_theta"])
+L0, S0 = V3_YARN["original_max_position_embeddings"], V3_YARN["factor"]
+inv_plain, _ = rope_frequencies(DIM_R, THETA_R)
+inv_yarn, _ = rope_frequencies(DIM_R, THETA_R, V3_YARN)
+low_r, high_r = yarn_correction_range(DIM_R, THETA_R, V3_YARN)
+pairs = np.arange(DIM_R // 2)
+
+
+def circle_swept(inv_freq: torch.Tensor, n_positions: int) -> np.ndarray:
+    """Per pair, the share of the circle that the angles of positions 0 .. n_positions - 1 sweep (at most 1)."""
+    return np.minimum(inv_freq.double().numpy() * (n_positions - 1) / (2 * np.pi), 1.0)
+
+
+seen_in_training = circle_swept(inv_plain, L0)  # pretraining: plain RoPE, L0 positions
+unseen = {"plain RoPE": np.clip(circle_swept(inv_plain, int(S0 * L0)) - seen_in_training, 0, None),
+          "YaRN": np.clip(circle_swept(inv_yarn, int(S0 * L0)) - seen_in_training, 0, None)}
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.9))
+ax = axes[0]
+ax.axvspan(-0.5, low_r, color="tab:blue", alpha=0.08)
+ax.axvspan(low_r, high_r, color="tab:purple", alpha=0.08)
+ax.axvspan(high_r, DIM_R // 2 - 0.5, color="tab:green", alpha=0.08)
+ax.semilogy(pairs, 2 * np.pi / inv_plain.numpy(), "o-", ms=3, color="tab:gray", label="plain RoPE")
+ax.semilogy(pairs, 2 * np.pi / inv_yarn.numpy(), "s-", ms=3, color="tab:green", label=f"YaRN, s = {S0:g}")
+for y, text in ((L0, f"original context {L0:,}"), (S0 * L0, f"s x original = {S0 * L0:,.0f}")):
+    ax.axhline(y, color="black", ls=":", lw=1)
+    ax.text(0, y * 1.4, text, fontsize=8)
+for x, text in ((low_r, f"pair {low_r}: {V3_YARN['beta_fast']} turns in {L0:,}\n(beta_fast)"),
+                (high_r, f"pair {high_r}: {V3_YARN['beta_slow']} turn in {L0:,}\n(beta_slow)")):
+    ax.axvline(x, color="tab:purple", ls="--", lw=1)
+    ax.text(x + 0.3, 3, text, fontsize=7.5, color="tab:purple")
+ax.text(1, 2e6, "kept", fontsize=8, color="tab:blue")
+ax.text(high_r + 1, 2e6, f"divided by {S0:g}", fontsize=8, color="tab:green")
+ax.set_xlabel(f"RoPE pair i ({DIM_R} features, {DIM_R // 2} pairs)")
+ax.set_ylabel("wavelength 2 pi / theta_i (tokens)")
+ax.set_title("DeepSeek-V3's RoPE key, before and after YaRN", fontsize=10)
+ax.legend(loc="lower right", bbox_to_anchor=(1, 0.13), fontsize=8)
+width = 0.4
+axes[1].bar(pairs - width / 2, unseen["plain RoPE"], width, color="tab:gray", label="plain RoPE")
+axes[1].bar(pairs + width / 2, unseen["YaRN"], width, color="tab:green", label="YaRN")
+axes[1].axvline(low_r, color="tab:purple", ls="--", lw=1)
+axes[1].axvline(high_r, color="tab:purple", ls="--", lw=1)
+axes[1].text(1, 0.5, f"largest share: plain RoPE {unseen['plain RoPE'].max():.1%},\n"
+             f"YaRN {unseen['YaRN'].max():.3%} (too small to see)", fontsize=8)
+axes[1].set_xlabel("RoPE pair i")
+axes[1].set_ylabel("share of the circle")
+axes[1].set_title(f"Angles at {S0 * L0:,.0f} positions that {L0:,} positions never reached", fontsize=10)
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The same in numbers: the largest angle that the slowest and the fastest pair reach within the original context and
+# within $s$ times it, with and without YaRN, and how many pairs each region holds. Pairs up to `low` have a ramp of 0,
+# so their speeds must be the plain ones bit for bit; pairs from `high` on have a ramp of 1, so theirs must be exactly
+# the plain ones divided by $s$.
+
+# %%
+last_trained, last_extended = L0 - 1, int(S0 * L0) - 1  # the last position of each context
+angle_table = {}
+for name, i in (("slowest", DIM_R // 2 - 1), ("fastest", 0)):
+    angle_table[name] = dict(pair=i, trained=inv_plain[i].item() * last_trained,
+                             plain=inv_plain[i].item() * last_extended, yarn=inv_yarn[i].item() * last_extended)
+    a = angle_table[name]
+    print(f"{name} pair ({i}): largest angle {a['trained']:,.3f} rad within {L0:,} positions; at {last_extended + 1:,} "
+          f"positions {a['plain']:,.3f} rad with plain RoPE, {a['yarn']:,.3f} rad with YaRN "
+          f"({a['yarn'] / a['trained']:.5f} x the trained one)")
+kept_exact = torch.equal(inv_yarn[:low_r + 1], inv_plain[:low_r + 1])
+divided_exact = torch.equal(inv_yarn[high_r:], inv_plain[high_r:] / S0)
+region_sizes = dict(kept=low_r + 1, ramp=high_r - low_r - 1, divided=DIM_R // 2 - high_r)
+never_turned = int((seen_in_training < 1).sum())
+print(f"pairs kept 0-{low_r}: {region_sizes['kept']} (speeds unchanged bit for bit: {kept_exact}); "
+      f"on the ramp: {region_sizes['ramp']}; divided by {S0:g} from pair {high_r}: {region_sizes['divided']} "
+      f"(exactly: {divided_exact})")
+print(f"{never_turned} pairs never complete a turn in {L0:,} positions; the largest unseen share of a circle at "
+      f"{last_extended + 1:,} positions is {unseen['plain RoPE'].max():.1%} with plain RoPE, "
+      f"{unseen['YaRN'].max():.4%} with YaRN")
+assert kept_exact and divided_exact
+assert unseen["plain RoPE"].max() > 0.5 and unseen["YaRN"].max() < 1e-3
+assert abs(angle_table["fastest"]["yarn"] - angle_table["fastest"]["plain"]) < 1e-6 * angle_table["fastest"]["plain"]
+
+# %% [markdown]
+# Read the two panels with the numbers. The pairs that never complete a turn within 4K are the ones YaRN divides by
+# $s$: at 40 times the context, a slowest pair divided by 40 ends where it ended in pretraining (the ratio printed
+# above, a hair over 1 because the last position of a context is $sL - 1$, not $s(L - 1)$). Plain RoPE instead takes
+# those pairs round most of a circle they never saw. The fast pairs left of `low` keep their exact speeds: they had
+# seen every angle anyway, and they keep telling neighbouring tokens apart as sharply as before. What interpolation
+# costs is visible too: position $p$ now turns a divided pair as far as position $p/40$ did in pretraining, so two
+# tokens 40 positions apart are as close on those pairs as two neighbours used to be. That, and the ramp pairs whose
+# speeds match no pretrained pair, is what V2's 1000 steps at 32K and V3's two phases teach the model.
+#
+# **An MLA model past its original context.** YaRN lives entirely in cos and sin and in the softmax scale, so the
+# cached vectors of section 2 are unchanged in kind: $k^R$ is still stored already rotated, now by YaRN's angles. The
+# check of section 2, run past a (toy) original context: a small random MLA model with `rope_scaling` = YaRN, $s = 4$
+# from $L = 32$, fed 128 tokens, first a prefill, then a chunk that crosses position 32, then one token at a time up to
+# $4L$, against one uncached forward. The same weights without `rope_scaling` give the comparison with plain RoPE.
+
+# %%
+TOY_YARN = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "mscale": 1.0,
+            "mscale_all_dim": 1.0}
+T_LONG = int(TOY_YARN["factor"] * TOY_YARN["original_max_position_embeddings"])
+long_ids = torch.randint(0, V, (2, T_LONG), generator=torch.Generator().manual_seed(0))
+past_errors, past_logits, past_scale = {}, {}, {}
+for name, scaling in (("plain RoPE", None), ("YaRN", TOY_YARN)):
+    torch.manual_seed(0)  # the same weights for both: rope_scaling changes no parameter
+    cfg = MLATransformerConfig(vocab_size=V, d_model=64, n_layer=2, n_head=4, q_lora_rank=32, kv_lora_rank=32,
+                               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, init_std=0.1,
+                               max_seq_len=T_LONG, rope_scaling=scaling)
+    model_long = MLATransformer(cfg).eval()
+    past_scale[name] = model_long.layers[0].attn.softmax_scale * math.sqrt(cfg.qk_head_dim)
+    with torch.no_grad():
+        past_logits[name] = model_long(long_ids)  # no cache: the naive path over all 128 positions
+        for mode in MODES:
+            model_long.mode = mode
+            cache = model_long.new_cache(batch_size=2, max_len=T_LONG)
+            parts = [model_long(long_ids[:, :24], cache=cache), model_long(long_ids[:, 24:40], cache=cache)]
+            parts += [model_long(long_ids[:, i:i + 1], cache=cache) for i in range(40, T_LONG)]
+            past_errors[(name, mode)] = (torch.cat(parts, 1) - past_logits[name]).abs().max().item()
+    print(f"{name:<10} softmax scale x sqrt(d_h + d_h^R) = {past_scale[name]:.4f}; max |cached - uncached| over "
+          f"{T_LONG} positions: naive {past_errors[(name, 'naive')]:.1e}, absorbed {past_errors[(name, 'absorb')]:.1e}")
+L_toy = TOY_YARN["original_max_position_embeddings"]
+yarn_shift = {span: (past_logits["YaRN"][:, sl] - past_logits["plain RoPE"][:, sl]).abs().max().item()
+              for span, sl in (("inside", slice(0, L_toy)), ("past", slice(L_toy, T_LONG)))}
+print(f"YaRN against plain RoPE, same weights: max |logit difference| {yarn_shift['inside']:.3f} at positions < "
+      f"{L_toy}, {yarn_shift['past']:.3f} past them (logits of size {past_logits['YaRN'].abs().max():.2f})")
+assert max(past_errors.values()) < 1e-4, past_errors
+assert abs(past_scale["YaRN"] - yarn_softmax_factor(TOY_YARN)) < 1e-9 and abs(past_scale["plain RoPE"] - 1) < 1e-12
+assert yarn_shift["inside"] > 0 and yarn_shift["past"] > 0
+
+# %% [markdown]
+# Two things to take from the cell. The cache keeps working past the original context: with YaRN on, the naive and
+# the absorbed decode match the uncached forward to float32 rounding, as the errors printed above show, across the
+# chunk that straddles position 32 and the single steps up to 128. And YaRN is not a switch that matters only past $L$:
+# with the same weights, the logits move inside the original context as well, since the divided pairs turn more
+# slowly at every position and the softmax scale grows by the squared factor at every position (the printed
+# differences say by how much for this random model). A released model is therefore fine-tuned with YaRN on, and it
+# is the YaRN block in its `config.json`, not the pretraining one, that a faithful reimplementation has to apply.
+
+# %% [markdown]
+# ## 7. Explore the cache
 #
 # Move the shape of a model: heads, head width, GQA groups, MLA's latent and RoPE widths, layers, context and the
 # number format. The bars show the cache of one sequence for each kind of attention. (Where no widget front end runs,
@@ -1324,7 +1760,7 @@ explore(show_cache, n_head=(8, 248, 8), head_dim=(32, 224, 32), gqa_groups=(1, 1
         dtype=list(FORMATS))
 
 # %% [markdown]
-# ## 7. Claims ledger
+# ## 8. Claims ledger
 #
 # What the paper claims next to what this chapter measured. The rows are of two sorts. The cache sizes, the 2.25
 # groups and the equality of the absorbed and naive paths are identities: they hold by construction, and a row that
@@ -1375,6 +1811,21 @@ ledger.add("Sharing key-value heads costs quality: MHA > GQA > MQA",
            "MHA ahead of GQA and MQA on hard benchmarks (V2, Appendix D.1, 7B dense models)",
            f"final held-out loss {race_text}", order_holds,
            "" if order_holds else "the differences are within the noise of two short runs per kind")
+past_error = max(past_errors.values())
+ledger.add("YaRN extends the context from 4K to 128K (s = 40, alpha = 1, beta = 32)",
+           "NIAH good up to 128K after 1000 steps at 32K (V2, section 3.1.4 and Figure 4; V3, section 4.3)",
+           f"the mechanism only, V3's RoPE key: at {S0 * L0:,.0f} positions plain RoPE reaches up to "
+           f"{unseen['plain RoPE'].max():.0%} of a circle its slow pairs never saw in {L0:,}, YaRN "
+           f"{unseen['YaRN'].max():.2%}; pairs 0-{low_r} keep their speeds exactly", None,
+           "not comparable: no long-context fine-tuning or needle test here; the chapter checks the frequencies "
+           "against a per-pair loop (and the tests against transformers), not the quality")
+ledger.add("V2 adjusts YaRN's attention factor to sqrt(t) = 0.0707 ln s + 1", "0.0707 ln 40 + 1 (V2, section 3.1.4)",
+           f"mscale_all_dim 0.707 of V2's config.json: softmax scale x {factors['V2'][1]:.4f} = "
+           f"({v2_sqrt_t:.4f})^2; cos and sin x {factors['V2'][0]:g}", abs(factors["V2"][1] - v2_sqrt_t ** 2) < 1e-12)
+ledger.add("YaRN is applied to the decoupled shared key k^R, which carries RoPE", "V2, section 3.1.4",
+           f"rope_scaling changes only cos and sin of the d_h^R features and the softmax scale; absorbed and naive "
+           f"decode == uncached forward up to {T_LONG} positions, {TOY_YARN['factor']:g}x a toy original context, "
+           f"max error {past_error:.0e}", past_error < 1e-4)
 ledger.show()
 saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger` prints every chapter's rows
 
@@ -1394,6 +1845,10 @@ saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger`
 #   against a per-head loop from Appendix C).
 # - **Reading a headline.** V2's "93.3% smaller" than DeepSeek 67B is 82.2% from the architecture in BF16 and the rest
 #   from a cache of about 6 bits per element.
+# - **YaRN stretches RoPE, not the cache.** Past the 4K of pretraining, the slow RoPE pairs would meet angles they
+#   never saw; YaRN divides them by $s = 40$, keeps the fast ones, ramps between, and sharpens the softmax
+#   (`mscale_all_dim`). In MLA it touches only the decoupled $k^R$ and $q^R$ and the softmax scale, so the cache and
+#   both decoding paths work unchanged past the original context.
 # - **What the miniature can and cannot say.** The cache arithmetic is reproduced exactly; the quality and speed of
 #   MLA at this size are measured, and the ledger records where they agree with the paper and where they cannot.
 #
@@ -1589,6 +2044,29 @@ saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger`
 #    `--n-head 4`, `8`, `16` and `32` and compare.
 #    </details>
 #
+# 7. ★ **Where YaRN's boundaries fall.** Keep V3's RoPE key (64 features) and $s = 40$. How many pairs does YaRN keep,
+#    ramp and divide if pretraining had used 32K tokens instead of 4K? And at 4K with $\theta = 500{,}000$ (Llama 3's
+#    base)? Compare each time with the number of pairs that never complete a turn in pretraining.
+#
+#    <details><summary>Hint</summary><code>yarn_correction_range(64, theta, {**V3_YARN,
+#    "original_max_position_embeddings": L})</code> gives (low, high): pairs up to low are kept, pairs from high on are
+#    divided. A pair never completes a turn when <code>inv_freq * (L - 1) &lt; 2 pi</code>.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    for L, theta in ((4096, 1e4), (32_768, 1e4), (4096, 5e5)):
+#        low, high = yarn_correction_range(64, theta, {**V3_YARN, "original_max_position_embeddings": L})
+#        inv, _ = rope_frequencies(64, theta)
+#        never = int((inv * (L - 1) < 2 * math.pi).sum())
+#        print(f"L {L:>6,}, theta {theta:>9,.0f}: kept {low + 1}, ramp {high - low - 1}, divided {32 - high}; "
+#              f"{never} pairs never turn")
+#    ```
+#    V3 as released: 11 kept, 12 on the ramp, 9 divided, and 9 pairs never turn. With 32K of pretraining: 18, 12, 2,
+#    and 2; with $\theta = 500{,}000$ at 4K: 8, 8, 16, and 16. The divided pairs are exactly those that never complete a
+#    turn, because `high` is the pair that turns once ($\beta_{slow} = 1$), rounded up. A longer pretraining context
+#    leaves YaRN less to divide; a larger base slows every pair, so more of them need it.
+#    </details>
+#
 # ## Checks
 #
 # The chapter's key measurements, asserted (this is what the test suite checks).
@@ -1602,6 +2080,12 @@ assert all(measured[k] == kv_cache_bytes(k, n_layer=3, tokens=50, batch_size=2, 
            for k in KINDS)
 assert abs(cache_ratio_dec - kv_cache_elements("MHA", n_head=H_DEC, head_dim=D_DEC // H_DEC)
            / mla_dec.cache_elements) < 1e-9
+# YaRN: the frequencies match a per-pair loop, the slow pairs stay in their pretrained range at 40x the context
+# (and leave it without YaRN), the fast ones keep their speeds, and the cache still decodes exactly past the
+# original context.
+assert max(yarn_errors.values()) < 1e-6 and plain_is_exact and kept_exact and divided_exact
+assert unseen["plain RoPE"].max() > 0.5 and unseen["YaRN"].max() < 1e-3
+assert max(past_errors.values()) < 1e-4 and abs(factors["V2"][1] - v2_sqrt_t ** 2) < 1e-12
 # Decoding work per cached token (not a timing: timings belong to benchmarks/): naive MLA re-creates keys and values.
 assert per_token_cost["MLA naive"][0] > 25 * per_token_cost["MLA absorbed"][0]
 assert per_token_cost["MLA absorbed"][1] * 3.5 < per_token_cost["MHA"][1]

@@ -69,12 +69,157 @@ def kv_cache_bytes(kind: str, *, n_layer: int = 1, tokens: int = 1, batch_size: 
     return kv_cache_elements(kind, **shape) * n_layer * tokens * batch_size * bytes_per_element(dtype)
 
 
+ROPE_TYPES = ("default", "yarn")
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rope_scaling(rope_scaling: dict | None) -> dict | None:
+    """Validate a config.json rope_scaling block (YaRN, arXiv 2309.00071, as DeepSeek-V2/V3 configure it).
+    None, {} or a 'default' block -> None (plain RoPE). A YaRN block (key 'rope_type', or the older 'type', equal to
+    'yarn') -> a normalised dict: rope_type='yarn', factor, original_max_position_embeddings, beta_fast (default 32),
+    beta_slow (default 1), mscale (default 1.0), mscale_all_dim (default 0.0: not set), plus attention_factor and
+    truncate only if given. Other keys (rope_theta, ...) are ignored. Raises ValueError naming the missing or bad
+    field, or the unknown rope type."""
+    if rope_scaling is None:
+        return None
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"rope_scaling={rope_scaling!r} is invalid: None or a dict (a config.json rope_scaling "
+                         f"block) is required")
+    if not rope_scaling:
+        return None
+    kinds = {key: rope_scaling[key] for key in ("rope_type", "type") if rope_scaling.get(key) is not None}
+    if len(set(kinds.values())) > 1:
+        raise ValueError(f"rope_scaling['rope_type']={kinds['rope_type']!r} and rope_scaling['type']="
+                         f"{kinds['type']!r} disagree: give one rope type")
+    if not kinds:
+        raise ValueError(f"rope_scaling['rope_type'] is missing (or the older key 'type'): one of {ROPE_TYPES} is "
+                         f"required")
+    kind = next(iter(kinds.values()))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling['rope_type']={kind!r} is invalid: one of {ROPE_TYPES} is supported")
+
+    def bad(name: str, allowed: str) -> ValueError:
+        return ValueError(f"rope_scaling[{name!r}]={rope_scaling[name]!r} is invalid: {allowed}")
+
+    for name in ("factor", "original_max_position_embeddings"):
+        if rope_scaling.get(name) is None:
+            raise ValueError(f"rope_scaling[{name!r}] is missing: a YaRN block needs factor and "
+                             f"original_max_position_embeddings (DeepSeek-V2/V3: 40 and 4096)")
+    out = {"rope_type": "yarn"}
+    if not (_is_number(rope_scaling["factor"]) and rope_scaling["factor"] > 0):
+        raise bad("factor", "a positive number is required")
+    out["factor"] = float(rope_scaling["factor"])
+    if not _is_positive_int(rope_scaling["original_max_position_embeddings"]):
+        raise bad("original_max_position_embeddings", "a positive int is required")
+    out["original_max_position_embeddings"] = rope_scaling["original_max_position_embeddings"]
+    for name, default in YARN_DEFAULTS.items():
+        value = rope_scaling.get(name)
+        if value is None:
+            value = default
+        elif not (_is_number(value) and (value >= 0 if name == "mscale_all_dim" else value > 0)):
+            raise bad(name, "a number >= 0 (0: not set) is required" if name == "mscale_all_dim"
+                      else "a positive number is required")
+        out[name] = float(value)
+    if not out["beta_fast"] > out["beta_slow"]:
+        raise ValueError(f"rope_scaling['beta_fast']={out['beta_fast']!r} is invalid: it must exceed "
+                         f"beta_slow={out['beta_slow']!r} (pairs turning more than beta_fast times are kept)")
+    if rope_scaling.get("attention_factor") is not None:
+        if not (_is_number(rope_scaling["attention_factor"]) and rope_scaling["attention_factor"] > 0):
+            raise bad("attention_factor", "a positive number is required")
+        out["attention_factor"] = float(rope_scaling["attention_factor"])
+    if rope_scaling.get("truncate") is not None:
+        if not isinstance(rope_scaling["truncate"], bool):
+            raise bad("truncate", "True or False is required")
+        out["truncate"] = rope_scaling["truncate"]
+    return out
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor 0.1 mscale ln(s) + 1 for a scale s > 1, else 1 (YaRN, arXiv 2309.00071, section 3.4;
+    DeepSeek-V2, section 3.1.4, writes it 0.0707 ln s + 1: mscale 0.707)."""
+    return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def yarn_correction_range(dim: int, theta: float, rope_scaling: dict) -> tuple[float, float]:
+    """The ramp's ends (low, high), as pair indices: pair i turns L theta^(-2i/dim) / (2 pi) times in the original
+    context L, and low, high are the pairs that turn beta_fast and beta_slow times, floored and ceiled when truncate
+    (default True), clamped to [0, dim - 1]; high gets +0.001 when they are equal."""
+    rs = check_rope_scaling(rope_scaling)
+    if rs is None:
+        raise ValueError("rope_scaling=None has no correction range: a YaRN block is required")
+
+    def pair_turning(turns: float) -> float:  # the (fractional) pair index that turns `turns` times in L
+        return dim * math.log(rs["original_max_position_embeddings"] / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(rs["beta_fast"]), pair_turning(rs["beta_slow"])
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    return low, (high + 0.001 if low == high else high)
+
+
+def rope_frequencies(dim: int, theta: float, rope_scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies inv_freq (dim/2,) float32, and the attention factor that multiplies cos and sin.
+    Without scaling: theta^(-2i/dim), exactly as dslib.transformer.rope_cos_sin, and 1.0. YaRN (arXiv 2309.00071,
+    DeepSeek-V2 section 3.1.4): inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp), ramp_i = clamp((i - low)
+    / (high - low), 0, 1) over the yarn_correction_range; the factor is attention_factor if given, else
+    yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) when both are set, else yarn_mscale(factor)."""
+    if not (_is_positive_int(dim) and dim % 2 == 0):
+        raise ValueError(f"dim={dim!r} is invalid: a positive even int is required (RoPE rotates pairs)")
+    if not (_is_number(theta) and theta > 0):
+        raise ValueError(f"theta={theta!r} is invalid: a positive number is required")
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,): rope_cos_sin's
+    rs = check_rope_scaling(rope_scaling)
+    if rs is None:
+        return inv_freq, 1.0
+    if not theta > 1:
+        raise ValueError(f"theta={theta!r} is invalid: YaRN needs theta > 1 (it divides by ln theta)")
+    low, high = yarn_correction_range(dim, theta, rs)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: kept, 1: divided
+    inv_freq = inv_freq / rs["factor"] * ramp + inv_freq * (1 - ramp)
+    if "attention_factor" in rs:
+        factor = rs["attention_factor"]
+    elif rs["mscale"] and rs["mscale_all_dim"]:
+        factor = yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+    else:
+        factor = yarn_mscale(rs["factor"])
+    return inv_freq, float(factor)
+
+
+def scaled_rope_cos_sin(positions: torch.Tensor, dim: int, theta: float,
+                        rope_scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (..., t, dim/2) of integer positions (..., t), like dslib.transformer.rope_cos_sin, with YaRN's
+    frequencies and its factor on both; rope_scaling None gives rope_cos_sin's result exactly."""
+    if check_rope_scaling(rope_scaling) is None:
+        return rope_cos_sin(positions, dim, theta)
+    inv_freq, factor = rope_frequencies(dim, theta, rope_scaling)
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)  # (..., t, dim/2)
+    return angles.cos() * factor, angles.sin() * factor
+
+
+def yarn_softmax_factor(rope_scaling: dict | None) -> float:
+    """The multiplier of MLA's softmax scale 1/sqrt(d_h + d_h^R): yarn_mscale(factor, mscale_all_dim) ** 2 when
+    mscale_all_dim is set (DeepSeek's reference code, transformers' DeepseekV2/V3), else 1."""
+    rs = check_rope_scaling(rope_scaling)
+    if rs is None or not rs["mscale_all_dim"]:
+        return 1.0
+    return yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+
+
 @dataclass
 class MLAConfig:
     """The shape of an MLA layer, with DeepSeek-V3's reference names (DeepSeek-V2, arXiv 2405.04434, section 2.1):
     d_model is d (the hidden size), n_head n_h, q_lora_rank d'_c (0 or None: no query compression), kv_lora_rank d_c,
     qk_nope_head_dim d_h, qk_rope_head_dim d_h^R (even: RoPE rotates pairs), v_head_dim the per-head value width.
-    V2 and V3 use n_h = 128, d_h = v = 128, d_c = 512, d'_c = 1536, d_h^R = 64."""
+    V2 and V3 use n_h = 128, d_h = v = 128, d_c = 512, d'_c = 1536, d_h^R = 64. rope_scaling: None (plain RoPE) or a
+    config.json rope_scaling block, YaRN in V2 and V3 (factor 40 from 4096 positions); stored normalised by
+    check_rope_scaling."""
 
     d_model: int = 128
     n_head: int = 4
@@ -85,6 +230,7 @@ class MLAConfig:
     v_head_dim: int = 32
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    rope_scaling: dict | None = None
 
     def _invalid(self, name: str, allowed: str) -> ValueError:
         return ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is invalid: {allowed}")
@@ -107,6 +253,12 @@ class MLAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise self._invalid(name, "a positive number is required")
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        except ValueError as err:
+            raise self._invalid("rope_scaling", str(err)) from None
+        if self.rope_scaling is not None and not self.rope_theta > 1:
+            raise self._invalid("rope_theta", "a number > 1 is required with YaRN (it divides by ln rope_theta)")
 
     @property
     def qk_head_dim(self) -> int:
@@ -119,7 +271,10 @@ class MLAConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["rope_scaling"] is None:  # so a config without YaRN (and any key hashed from it) reads as it did before
+            del d["rope_scaling"]
+        return d
 
 
 @dataclass(kw_only=True)
@@ -218,7 +373,9 @@ class MLA(nn.Module):
     q_lora_rank is 0. Keys and values: [c^KV; k^R] = [W^DKV; W^KR] h (wkv_a), c^KV <- RMSNorm(c^KV) (kv_norm),
     k^R <- RoPE(k^R), one RoPE key shared by all heads; [k^C_i; v^C_i] = [W^UK_i; W^UV_i] c^KV (wkv_b).
     Per head q_i = [q^C_i; q^R_i], k_i = [k^C_i; k^R]; o_i = softmax(q_i . k_i / sqrt(d_h + d_h^R)) v^C_i; u = W^O o
-    (wo). RoPE rotates interleaved pairs, as the reference code does. Only c^KV and k^R are cached (MLACache).
+    (wo). RoPE rotates interleaved pairs, as the reference code does. Only c^KV and k^R are cached (MLACache). With
+    YaRN (c.rope_scaling), the softmax scale is multiplied by yarn_softmax_factor, and the caller's cos and sin are
+    scaled_rope_cos_sin's.
 
     mode "naive" decompresses k^C and v^C per head; mode "absorb" attends in the latent space: scores
     (W^UK_i^T q^C_i) . c^KV + q^R_i . k^R and output W^O [W^UV_i (p_i . c^KV)]_i. Both give the same result."""
@@ -237,7 +394,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps)
         self.wkv_b = nn.Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), bias=False)  # [W^UK_i; W^UV_i]
         self.wo = nn.Linear(h * c.v_head_dim, c.d_model, bias=False)  # W^O
-        self.softmax_scale = qk_head_dim ** -0.5
+        self.softmax_scale = qk_head_dim ** -0.5 * yarn_softmax_factor(c.rope_scaling)  # x 1.0 without YaRN
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, t, d) -> q^C (b, h, t, d_h) and q^R = RoPE(W^QR c^Q) (b, h, t, d_h^R)."""
@@ -359,7 +516,7 @@ class MLATransformer(nn.Module):
         logits_to_keep: as in dslib.transformer.Transformer.forward (k > 0: the output head on the last k positions)."""
         c = self.config
         positions, attn_mask = forward_inputs(input_ids, positions, segments, attn_mask, cache, c.max_seq_len)
-        cos, sin = rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta)
+        cos, sin = scaled_rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta, c.rope_scaling)
         mode = self.mode if cache is not None else "naive"
         x = self.embed(input_ids)
         for layer in self.layers:

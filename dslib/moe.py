@@ -19,6 +19,9 @@ from dslib.train import batch_loss
 from dslib.transformer import Attention, RMSNorm, SwiGLU, Transformer, TransformerConfig
 
 SCORING_FUNCS = ("softmax", "sigmoid")
+# How a group of experts is scored (config.json's `topk_method`): V3's sum of its two best biased affinities, V2's
+# best affinity, or no groups at all (V2-Lite).
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 
 
 def _is_positive_int(value) -> bool:
@@ -32,8 +35,10 @@ class MoEConfig:
     d_model: hidden size. moe_intermediate_size: the width of one routed expert (a SwiGLU). n_routed_experts routed
     experts, of which num_experts_per_tok are chosen per token (K_r); n_shared_experts shared experts always run, as one
     SwiGLU of width n_shared_experts * moe_intermediate_size (0: none). scoring_func: "softmax" (GShard, DeepSeekMoE,
-    V2) or "sigmoid" (V3). Group-limited routing (V2's device-limited, V3's node-limited): the experts form n_group
-    equal groups, only the topk_group best groups are searched. norm_topk_prob: divide the chosen affinities by their
+    V2) or "sigmoid" (V3). Group-limited routing: the experts form n_group equal groups, and only the topk_group best
+    groups are searched; topk_method says how a group scores: "noaux_tc" (V3's node-limited routing: the sum of its
+    two best biased affinities), "group_limited_greedy" (V2's device-limited routing: its best affinity) or "greedy"
+    (no group limit, whatever n_group says: V2-Lite). norm_topk_prob: divide the chosen affinities by their
     sum; the gating weights are then multiplied by routed_scaling_factor. Balance: aux_loss_alpha (DeepSeekMoE's
     expert-level alpha_1), device_loss_alpha (alpha_2, over n_devices equal groups of experts), seq_aux_alpha (V3's
     complementary sequence-wise alpha). init_std: the normal initialisation of the router and the experts."""
@@ -46,6 +51,7 @@ class MoEConfig:
     scoring_func: str = "sigmoid"
     n_group: int = 1
     topk_group: int = 1
+    topk_method: str = "noaux_tc"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     aux_loss_alpha: float = 0.0
@@ -68,6 +74,8 @@ class MoEConfig:
             bad("n_shared_experts", "a non-negative int is required")
         if self.scoring_func not in SCORING_FUNCS:
             bad("scoring_func", f"one of {SCORING_FUNCS} is required")
+        if self.topk_method not in TOPK_METHODS:
+            bad("topk_method", f"one of {TOPK_METHODS} is required")
         if self.num_experts_per_tok > n:
             bad("num_experts_per_tok", f"at most n_routed_experts={n} is allowed")
         if n % self.n_group:
@@ -112,10 +120,11 @@ class Router(nn.Module):
     """Top-k gating of DeepSeekMoE (softmax) and DeepSeek-V3 (sigmoid), as in transformers' DeepseekV3TopkRouter.
 
     s_{i,t} = Softmax_i(u_t^T e_i) or sigmoid(u_t^T e_i), in float32 (V3, eq. 15). Selection uses s_{i,t} + b_i, with b_i
-    the auxiliary-loss-free bias `e_score_correction_bias` (V3, eq. 16); with n_group > 1 a group scores as the sum of
-    its top-2 biased affinities and only the topk_group best groups are searched (V3's node-limited routing, as in its
-    reference code). Gating weights come from the unbiased s_{i,t} of the chosen experts, divided by their sum when
-    norm_topk_prob (V3, eq. 13), then multiplied by routed_scaling_factor.
+    the auxiliary-loss-free bias `e_score_correction_bias` (V3, eq. 16). With n_group > 1, only the topk_group best
+    groups are searched, a group scoring as the sum of its top-2 biased affinities (topk_method "noaux_tc": V3's
+    node-limited routing, as in its reference code) or as its best affinity ("group_limited_greedy": V2's
+    device-limited routing); "greedy" searches every expert. Gating weights come from the unbiased s_{i,t} of the
+    chosen experts, divided by their sum when norm_topk_prob (V3, eq. 13), then multiplied by routed_scaling_factor.
 
     `disabled_top` (default 0) is an ablation knob (DeepSeekMoE, section 4.5): it removes each token's disabled_top
     best experts from the choice, which then takes the next k."""
@@ -137,15 +146,18 @@ class Router(nn.Module):
         """The chosen experts (N, k) for affinities (N, E): top-k of scores + bias within the topk_group best groups."""
         c = self.config
         choice = scores.detach() + self.e_score_correction_bias  # the bias steers the choice, never the weights
-        if c.n_group > 1:
+        if c.n_group > 1 and c.topk_method != "greedy":
             by_group = choice.view(-1, c.n_group, c.experts_per_group)
-            group_scores = by_group.topk(min(2, c.experts_per_group), dim=-1).values.sum(dim=-1)  # (N, n_group)
+            if c.topk_method == "noaux_tc":  # V3: the sum of the group's two best
+                group_scores = by_group.topk(min(2, c.experts_per_group), dim=-1).values.sum(dim=-1)  # (N, n_group)
+            else:  # group_limited_greedy, V2: the group's best
+                group_scores = by_group.max(dim=-1).values
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
             keep.scatter_(1, group_scores.topk(c.topk_group, dim=-1).indices, True)
             choice = choice.masked_fill(~keep.repeat_interleave(c.experts_per_group, dim=1), float("-inf"))
         k, r = c.num_experts_per_tok, self.disabled_top
         if r:
-            if r + k > c.topk_group * c.experts_per_group:
+            if r + k > (c.topk_group * c.experts_per_group if c.topk_method != "greedy" else c.n_routed_experts):
                 raise ValueError(f"disabled_top={r} leaves fewer than {k} experts to choose from")
             return choice.topk(k + r, dim=-1).indices[:, r:]
         return choice.topk(k, dim=-1).indices
@@ -412,7 +424,7 @@ def update_bias(model: nn.Module, gamma: float) -> None:
 
 
 _MOE_FIELDS = ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "scoring_func",
-               "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha", "n_devices",
+               "n_group", "topk_group", "topk_method", "norm_topk_prob", "routed_scaling_factor", "aux_loss_alpha", "n_devices",
                "device_loss_alpha", "seq_aux_alpha")
 
 
@@ -429,6 +441,7 @@ class MoETransformerConfig(TransformerConfig):
     scoring_func: str = "sigmoid"
     n_group: int = 1
     topk_group: int = 1
+    topk_method: str = "noaux_tc"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     aux_loss_alpha: float = 0.0

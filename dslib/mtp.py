@@ -23,8 +23,11 @@ class MTPModule(nn.Module):
         h^k_{1:T-k} = TRM_k(h'^k_{1:T-k})                              (block: one transformer block of the main kind)
         P^k_{i+k+1} = OutHead(norm(h^k_i))                             (norm here, head shared with the main model)
 
-    The paper writes the concatenation as [h; Emb]; the released weights (and the reference inference code) put the
-    embedding first. The order is only a permutation of M_k's columns; we follow the weights.
+    The paper writes the concatenation as [h; Emb]. The layout here is the released checkpoint's, as the serving
+    engines that run its MTP layer (vLLM's and SGLang's DeepSeek MTP models) read it: eh_proj multiplies
+    [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)], the embedding first. The order is only a permutation of M_k's columns; we
+    follow the weights. For module 1, h^0_i is the main model's last-layer output before its final norm (what
+    DeepSeekV3.forward returns with return_hidden=True); for module k > 1, module k-1's block output.
     `block(x, cos, sin, mask, cache, **kwargs)` is a block of the main model's kind (dslib.v3.V3Block here)."""
 
     def __init__(self, d_model: int, block: nn.Module, norm_eps: float = 1e-6):

@@ -5,13 +5,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from dslib.checkpoint import atomic_write_text
 
 
 @dataclass
@@ -212,7 +219,23 @@ def forward_inputs(input_ids: torch.Tensor, positions: torch.Tensor | None, segm
     return positions, attn_mask
 
 
-class Transformer(nn.Module):
+class LlamaFolder:
+    """Transformer's door to Hugging Face transformers, where DeepSeek LLM's architecture is Llama's (the work is done
+    by write_llama and read_llama, section 5)."""
+
+    def to_hf(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write a folder that transformers loads as a LlamaForCausalLM (and, given the world's tokenizer, with
+        AutoTokenizer): config.json, model.safetensors, generation_config.json, the tokenizer files (see write_llama)."""
+        return write_llama(self, directory, tokenizer)
+
+    @classmethod
+    def from_hf(cls, directory: str | Path) -> "Transformer":
+        """Read a transformers Llama folder with json and safetensors only, into a float32 Transformer (see
+        read_llama)."""
+        return read_llama(directory, cls)
+
+
+class Transformer(LlamaFolder, nn.Module):
     """The dense decoder-only LM. forward(input_ids (b, t)) -> logits (b, t, vocab)."""
 
     def __init__(self, config: TransformerConfig):
@@ -287,3 +310,221 @@ class Transformer(nn.Module):
             if i + 1 < max_new_tokens:
                 logits = self(nxt[:, None], cache=cache)[:, -1]
         return torch.cat(out, dim=1)
+
+
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json")  # what to_hf writes
+_LLAMA_LAYER = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+                **{f"attn.{p}": f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}}
+
+
+def llama_names(n_layer: int) -> dict[str, str]:
+    """Transformer's parameter names -> transformers LlamaForCausalLM's tensor names, for n_layer layers."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        for ours, theirs in _LLAMA_LAYER.items():
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def rope_halves_order(head_dim: int) -> torch.Tensor:
+    """Llama's feature j of a head is our feature order[j]: order = 0, 2, 4, ..., d-2, 1, 3, ..., d-1. Our pairs
+    (x[2i], x[2i+1]) become Llama's halves (x[i], x[i + d/2]), rotated by the same angle."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int, to_llama: bool) -> torch.Tensor:
+    """Reorder the output rows of a q_proj or k_proj weight (n_heads * head_dim, d_model) inside each head: from our
+    interleaved RoPE layout to Llama's halves (to_llama), or back. Scores q.k do not change: q and k move alike."""
+    order = rope_halves_order(w.shape[0] // n_heads)
+    if not to_llama:
+        order = torch.argsort(order)  # the inverse permutation
+    return rearrange(rearrange(w, "(h d) m -> h d m", h=n_heads)[:, order], "h d m -> (h d) m")
+
+
+def llama_config(c: TransformerConfig, dtype: torch.dtype = torch.float32, tokenizer=None) -> dict:
+    """config.json of the transformers Llama model that computes what a Transformer with config c computes. rope_theta
+    is written twice, in rope_parameters (transformers 5) and at the top level (older versions)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    ids = {} if tokenizer is None else {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                                        "pad_token_id": tokenizer.pad_id}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "initializer_range": c.init_std,
+            "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+            "tie_word_embeddings": False, "torch_dtype": dtype_name, "dtype": dtype_name, "use_cache": True, **ids}
+
+
+def config_from_llama(raw: dict, where: str = "config.json") -> tuple[TransformerConfig, bool]:
+    """(TransformerConfig, tie_word_embeddings) from a Llama config.json. What Transformer cannot compute (another
+    model_type, RoPE scaling, biases, another activation, heads narrower or wider than hidden_size / heads) is refused
+    with a ValueError naming the field; fields Llama has defaults for take Llama's defaults."""
+    def refuse(field: str, why: str) -> ValueError:
+        return ValueError(f"{where}: {field}={raw.get(field)!r} is not supported: {why}")
+
+    if raw.get("model_type") != "llama":
+        raise refuse("model_type", "Transformer.from_hf reads Llama folders (DeepSeek LLM's architecture) only")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if field not in raw:
+            raise ValueError(f"{where}: the field {field!r} is missing (a Llama config.json needs it)")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise refuse("hidden_act", "dslib's SwiGLU uses silu")
+    for field in ("attention_bias", "mlp_bias"):
+        if raw.get(field, False):
+            raise refuse(field, "dslib's projections have no bias")
+    rope = raw.get("rope_parameters") or {}
+    for field, value in (("rope_scaling", raw.get("rope_scaling") or {}), ("rope_parameters", rope)):
+        if value.get("rope_type", value.get("type", "default")) != "default":
+            raise refuse(field, "dslib's RoPE has no scaling (rope_type 'default' only)")
+    if rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise refuse("partial_rotary_factor", "dslib's RoPE rotates every feature of a head")
+    heads = raw["num_attention_heads"]
+    if raw.get("head_dim") is not None and raw["head_dim"] * heads != raw["hidden_size"]:
+        raise refuse("head_dim", f"dslib's heads split hidden_size={raw['hidden_size']} evenly into {heads}")
+    try:
+        config = TransformerConfig(
+            vocab_size=raw["vocab_size"], d_model=raw["hidden_size"], n_layer=raw["num_hidden_layers"], n_head=heads,
+            n_kv_head=raw.get("num_key_value_heads") or heads, intermediate_size=raw["intermediate_size"],
+            max_seq_len=raw.get("max_position_embeddings", 2048),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            norm_eps=raw.get("rms_norm_eps", 1e-6), init_std=raw.get("initializer_range", 0.02))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return config, bool(raw.get("tie_word_embeddings", False))
+
+
+def llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A dense Transformer's weights under LlamaForCausalLM's names, q_proj and k_proj rows permuted per head to
+    Llama's RoPE layout (permute_rope_rows), as contiguous CPU tensors."""
+    c, state = model.config, model.state_dict()
+    names = llama_names(c.n_layer)
+    extra = [k for k in state if k not in names]
+    if extra or len(state) != len(names):
+        raise TypeError(f"to_hf writes a dense Transformer as Llama; {type(model).__name__} has {extra[:1] or 'fewer'} "
+                        f"tensors that a Llama model has no place for")
+    out = {}
+    for ours, theirs in names.items():
+        w = state[ours].detach().to("cpu")
+        if ours.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_rope_rows(w, c.n_head if ".q_proj" in ours else c.n_kv_head, to_llama=True)
+        out[theirs] = w.clone().contiguous()  # a copy: save_file refuses tensors that share memory
+    return out
+
+
+def write_hf_folder(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor], generation: dict,
+                    tokenizer=None, model_max_length: int | None = None) -> Path:
+    """Write a transformers folder: config.json, generation_config.json, model.safetensors and, with a tokenizer, its
+    files. Everything is written into a hidden temporary folder beside `directory`, which then replaces it, so an
+    interrupted export never leaves a folder that looks complete. An existing folder is replaced only when it is
+    empty or holds nothing but files that to_hf writes (HF_FILES). Used by every to_hf of dslib."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder: to_hf writes a folder")
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in HF_FILES)
+        if foreign:
+            raise FileExistsError(f"{directory} holds {foreign[0]!r}, which to_hf did not write: to_hf replaces the "
+                                  f"whole folder, so it writes into a new, an empty or an earlier to_hf folder only")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},  # copies: save_file
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})  # refuses tensors sharing memory
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.to_hf(tmp, model_max_length=model_max_length)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private to its owner
+        if directory.exists():  # move the old folder aside, the new one in, then delete the old one
+            old = tmp.with_suffix(".old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def hf_generation_config(max_length: int, tokenizer=None) -> dict:
+    """generation_config.json: greedy up to max_length; with a tokenizer, its ids, stopping where the course's
+    `complete` stops too (after </answer>, when there is one)."""
+    generation = {"max_length": max_length, "do_sample": False}
+    if tokenizer is not None:
+        stops = [tokenizer.eos_id] + [tokenizer.stoi[s] for s in ("</answer>",) if s in tokenizer.stoi]
+        generation.update(bos_token_id=tokenizer.bos_id, eos_token_id=stops, pad_token_id=tokenizer.pad_id)
+    return generation
+
+
+def write_llama(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+    """Transformer.to_hf: a transformers Llama folder (write_hf_folder, above) of `model`, with the tokenizer's files
+    and token ids when one is given."""
+    c = model.config
+    if tokenizer is not None and tokenizer.vocab_size != c.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is {c.vocab_size}")
+    tensors = llama_state_dict(model)
+    dtype = next(iter(tensors.values())).dtype
+    return write_hf_folder(directory, llama_config(c, dtype, tokenizer), tensors,
+                           hf_generation_config(c.max_seq_len, tokenizer), tokenizer, model_max_length=c.max_seq_len)
+
+
+def read_llama(directory: str | Path, cls: type | None = None) -> "Transformer":
+    """Transformer.from_hf: read a transformers Llama folder (config.json and every *.safetensors file in it) with
+    json and safetensors only (no transformers, nothing unpickled), into a float32 Transformer. Raises ValueError
+    naming the field that Transformer cannot represent (config_from_llama) or the tensor that does not fit the config
+    (missing, unexpected, wrong shape). With tie_word_embeddings, the output head is a copy of the embedding."""
+    from safetensors import safe_open
+
+    cls = Transformer if cls is None else cls
+    if cls.__init__ is not Transformer.__init__:
+        raise TypeError(f"{cls.__name__}.from_hf: a Llama folder holds a dense Transformer, not a {cls.__name__}")
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: from_hf needs a Llama folder with config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    config, tied = config_from_llama(raw, str(path))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):  # one file, or the shards of a large model
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name in tensors:
+                    raise ValueError(f"{directory}: tensor {name!r} is stored twice (again in {f.name})")
+                tensors[name] = st.get_tensor(name)
+    if not tensors:
+        raise FileNotFoundError(f"no *.safetensors file with tensors in {directory}")
+    names = llama_names(config.n_layer)
+    if tied and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # one matrix in Llama, two copies in dslib
+    theirs = set(names.values())
+    unexpected = sorted(k for k in tensors if k not in theirs and not k.endswith("rotary_emb.inv_freq"))
+    missing = [k for k in names.values() if k not in tensors]
+    if missing:
+        raise ValueError(f"{directory}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise ValueError(f"{directory}: tensor {unexpected[0]!r} is not part of the Llama model that config.json "
+                         f"describes ({len(unexpected)} unexpected in all)")
+    model = cls(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = {}
+    for ours, name in names.items():
+        w = tensors[name]
+        if w.shape != shapes[ours]:
+            raise ValueError(f"{directory}: tensor {name!r} has shape {tuple(w.shape)}, but config.json implies "
+                             f"{tuple(shapes[ours])}")
+        if ours.endswith(("q_proj.weight", "k_proj.weight")):
+            w = permute_rope_rows(w, config.n_head if ".q_proj" in ours else config.n_kv_head, to_llama=False)
+        state[ours] = w
+    model.load_state_dict(state)  # copies into the float32 parameters
+    return model

@@ -1,15 +1,17 @@
 # GENERATED FILE: do not edit. Written by `python -m dslib.book export` from chapters/04_v3.py (chapter 04).
 # Edit the chapter, then run the export again.
 
-"""DeepSeek-V3 in miniature (arXiv 2412.19437): a validated configuration with the reference names and the published
-full-size configurations of V3 and V2, parameter and FLOP counting without allocating weights, and `DeepSeekV3`: MLA
-in every layer, dense SwiGLU in the first layers and DeepSeekMoE after them, optional multi-token prediction, and a
-loader for Hugging Face transformers' DeepseekV3 checkpoints (chapter 04)."""
+"""DeepSeek-V3 in miniature (arXiv 2412.19437): a validated configuration with the reference names and the released
+configurations of V3, V2, V2-Lite and DeepSeekMoE 16B, parameter and FLOP counting without allocating weights, and
+`DeepSeekV3`: MLA in every layer, dense SwiGLU in the first layers and DeepSeekMoE after them, optional multi-token
+prediction, and a reader and writer of Hugging Face transformers' DeepseekV3 and DeepseekV2 folders (chapter 04)."""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
+from importlib import resources
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,27 +19,52 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from dslib.mla import MLA, MLAConfig, MLACache
-from dslib.moe import MoE, MoEConfig
+from dslib.mla import MLA, MLAConfig, MLACache, check_rope_scaling, scaled_rope_cos_sin
+from dslib.moe import MoE, MoEConfig, MoETransformerConfig
 from dslib.mtp import MTPModule, mtp_hidden
-from dslib.transformer import RMSNorm, SwiGLU, Transformer, document_causal_mask, forward_inputs, rope_cos_sin
+from dslib.transformer import (RMSNorm, SwiGLU, Transformer, TransformerConfig, document_causal_mask,
+                               forward_inputs, hf_generation_config, write_hf_folder)
 
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# config.json fields that do not change the model dslib builds (bookkeeping, or values checked below).
+_CONFIG_METADATA = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+                    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "attention_dropout", "pretraining_tp",
+                    "num_key_value_heads", "head_dim", "qk_head_dim", "ep_size", "seq_aux", "output_router_logits",
+                    "rope_scaling", "rope_parameters", "rope_interleave", "hidden_act", "attention_bias", "mlp_bias",
+                    "moe_layer_freq", "_name_or_path", "num_experts", "router_aux_loss_coef"}
+# What transformers' DeepseekV2Config assumes when a field is absent (it differs from V3-mini's defaults).
+_V2_DEFAULTS = {"scoring_func": "softmax", "norm_topk_prob": False, "topk_method": "greedy", "bias_update_speed": 0.0}
+
+
 def config_kwargs(d: dict, known: set[str]) -> dict:
-    """The keyword arguments a config.json dict gives V3Config (the `known` field names; the rest is ignored).
-    Features this implementation does not have are refused rather than silently ignored."""
+    """The keyword arguments a config.json dict gives V3Config (the `known` field names). Features this
+    implementation does not have are refused; fields it does not use (quantization_config, ...) are named in a
+    warning; RoPE scaling (YaRN) is read from rope_scaling or rope_parameters (chapter 03's check_rope_scaling)."""
     if d.get("rope_interleave", True) is not True:
         raise ValueError("rope_interleave=False is not supported: dslib rotates interleaved pairs, as V3 does")
-    scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
-    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise ValueError(f"RoPE scaling {scaling} is not supported (only the default RoPE)")
-    kw = {k: v for k, v in d.items() if k in known}
-    if "rope_theta" not in kw and "rope_theta" in scaling:
+    for key, need in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("moe_layer_freq", 1)):
+        if d.get(key, need) != need:
+            raise ValueError(f"config field {key}={d[key]!r} is not supported: dslib's DeepSeekV3 needs {need!r}")
+    if d.get("num_key_value_heads", d.get("num_attention_heads")) != d.get("num_attention_heads"):
+        raise ValueError(f"num_key_value_heads={d['num_key_value_heads']} differs from num_attention_heads: MLA "
+                         "gives every head its own key and value")
+    if d.get("model_type") == "deepseek_v2":
+        d = {**_V2_DEFAULTS, **d}
+    scaling = d.get("rope_scaling") or d.get("rope_parameters") or None
+    kw = {k: v for k, v in d.items() if k in known and k != "rope_scaling"}
+    kw["rope_scaling"] = check_rope_scaling(scaling)  # None for plain RoPE; a ValueError names a bad YaRN field
+    if "rope_theta" not in kw and scaling and "rope_theta" in scaling:
         kw["rope_theta"] = scaling["rope_theta"]
+    for key in ("n_group", "topk_group"):  # transformers writes None for "no groups"
+        if kw.get(key, 1) is None:
+            kw[key] = 1
+    unused = sorted(k for k in d if k not in known and k not in _CONFIG_METADATA)
+    if unused:
+        warnings.warn(f"config fields that dslib does not use, ignored: {', '.join(unused)}", stacklevel=3)
     return kw
 
 
@@ -74,19 +101,31 @@ def check_v3_config(c) -> None:
         c.moe_config()  # the router's checks (top-k <= experts, groups divide the experts, ...)
 
 
-# The released configurations (their config.json files), as V3Config's keyword arguments.
-DEEPSEEK_V3 = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                   num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=1,
-                   n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-                   norm_topk_prob=True, scoring_func="sigmoid", first_k_dense_replace=3, num_nextn_predict_layers=1,
-                   max_position_embeddings=163840)
-DEEPSEEK_V2 = dict(vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-                   num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=2,
-                   n_routed_experts=160, num_experts_per_tok=6, n_group=8, topk_group=3, routed_scaling_factor=16.0,
-                   norm_topk_prob=False, scoring_func="softmax", first_k_dense_replace=1, aux_loss_alpha=0.003,
-                   bias_update_speed=0.0, num_nextn_predict_layers=0, max_position_embeddings=163840)
+RELEASED = {"DeepSeek-V3": "deepseek-v3.json", "DeepSeek-V2": "deepseek-v2.json",
+            "DeepSeek-V2-Lite": "deepseek-v2-lite.json", "DeepSeekMoE-16B": "deepseek-moe-16b.json"}
+_MOE_TRANSFORMER_NAMES = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                          "num_key_value_heads": "n_kv_head", "max_position_embeddings": "max_seq_len",
+                          "rms_norm_eps": "norm_eps", "initializer_range": "init_std"}
+
+
+def released_config_dict(name: str) -> dict:
+    """The released config.json of a DeepSeek model (a key of RELEASED), as a dict."""
+    if name not in RELEASED:
+        raise ValueError(f"unknown released model {name!r}: one of {sorted(RELEASED)} is required")
+    return json.loads(resources.files("dslib").joinpath("configs", RELEASED[name]).read_text())
+
+
+def released_config(name: str) -> "V3Config | MoETransformerConfig":
+    """The configuration of a released model: a V3Config (V3, V2, V2-Lite) or, for DeepSeekMoE 16B (standard
+    multi-head attention), chapter 02's MoETransformerConfig."""
+    d = released_config_dict(name)
+    if d["model_type"] in ("deepseek_v2", "deepseek_v3"):
+        with warnings.catch_warnings():  # V3's FP8 quantization_config: a storage format, not the model
+            warnings.simplefilter("ignore")
+            return V3Config.from_dict(d)
+    known = {f.name for f in fields(MoETransformerConfig)}
+    kw = {_MOE_TRANSFORMER_NAMES.get(k, k): v for k, v in d.items()}
+    return MoETransformerConfig(**{k: v for k, v in kw.items() if k in known})
 
 
 @dataclass
@@ -112,6 +151,7 @@ class V3Config:
     num_experts_per_tok: int = 4
     n_group: int = 4
     topk_group: int = 2
+    topk_method: str = "noaux_tc"
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     scoring_func: str = "sigmoid"
@@ -121,11 +161,13 @@ class V3Config:
     num_nextn_predict_layers: int = 0
     max_position_embeddings: int = 128
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)  # chapter 03: None, or a checked YaRN block
         check_v3_config(self)  # defined in the cell above
 
     @property
@@ -145,13 +187,14 @@ class V3Config:
         return MLAConfig(d_model=self.hidden_size, n_head=self.num_attention_heads, q_lora_rank=self.q_lora_rank or 0,
                          kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
                          qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-                         rope_theta=self.rope_theta, norm_eps=self.rms_norm_eps)
+                         rope_theta=self.rope_theta, rope_scaling=self.rope_scaling, norm_eps=self.rms_norm_eps)
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(d_model=self.hidden_size, moe_intermediate_size=self.moe_intermediate_size,
                          n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
                          n_shared_experts=self.n_shared_experts, scoring_func=self.scoring_func,
-                         n_group=self.n_group, topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
+                         n_group=self.n_group, topk_group=self.topk_group, topk_method=self.topk_method,
+                         norm_topk_prob=self.norm_topk_prob,
                          routed_scaling_factor=self.routed_scaling_factor, seq_aux_alpha=self.aux_loss_alpha,
                          init_std=self.initializer_range)
 
@@ -160,21 +203,22 @@ class V3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "V3Config":
-        """Build from a dict such as a Hugging Face config.json: known fields are read, the rest is ignored;
-        features this implementation does not have are refused (config_kwargs, above)."""
+        """Build from a dict such as a Hugging Face config.json (V2's or V3's): known fields are read, unused ones
+        named in a warning, features this implementation does not have refused (config_kwargs, above)."""
         return cls(**config_kwargs(d, {f.name for f in fields(cls)}))
 
+    # The released models, from their config.json files (released_config, above).
     @classmethod
-    def deepseek_v3(cls) -> "V3Config":
-        """DeepSeek-V3 (671B total, 37B activated), from its released config.json (MTP: one module)."""
-        return cls(**DEEPSEEK_V3)
+    def deepseek_v3(cls) -> "V3Config":  # 671B total, 37B activated; one MTP module; YaRN
+        return released_config("DeepSeek-V3")
 
     @classmethod
-    def deepseek_v2(cls) -> "V3Config":
-        """DeepSeek-V2 (236B total, 21B activated), from its released config.json: softmax affinities, no bias, no
-        MTP. V2 ranks groups by their best expert (group_limited_greedy), where dslib's router uses V3's top-2 sum;
-        counting is unaffected."""
-        return cls(**DEEPSEEK_V2)
+    def deepseek_v2(cls) -> "V3Config":  # 236B, 21B; softmax, no bias, group_limited_greedy; YaRN
+        return released_config("DeepSeek-V2")
+
+    @classmethod
+    def deepseek_v2_lite(cls) -> "V3Config":  # 15.7B, 2.4B; no query compression, greedy routing; YaRN
+        return released_config("DeepSeek-V2-Lite")
 
 
 def _attention_params(c: V3Config) -> int:
@@ -188,27 +232,52 @@ def _attention_params(c: V3Config) -> int:
     return q + kv + h * c.v_head_dim * d  # W^O
 
 
-def count_params(config: V3Config, mtp: bool = False) -> tuple[int, int]:
-    """(total, activated) parameters of a DeepSeekV3 with this configuration, counted from the shapes without
-    allocating anything. Activated: what one token computes with (the attention, the dense FFNs, the shared experts,
-    `num_experts_per_tok` routed experts and the router in every MoE layer, the norms and the output head), without the
-    input embedding, which is a table look-up. MTP modules are left out unless mtp=True, as in V3's "671B total, 37B
-    activated" (they add 14B to the released checkpoint's 685B, 11.5B of them unique)."""
-    c, d = config, config.hidden_size
-    attn, norms = _attention_params(c), 2 * d
-    expert = 3 * d * c.moe_intermediate_size  # one SwiGLU expert: gate, up, down
-    router = c.n_routed_experts * d
-    dense_layer = attn + norms + 3 * d * c.intermediate_size
-    moe_total = attn + norms + router + (c.n_shared_experts + c.n_routed_experts) * expert
-    moe_active = attn + norms + router + (c.n_shared_experts + c.num_experts_per_tok) * expert
-    embed = c.vocab_size * d
-    head = 0 if c.tie_word_embeddings else c.vocab_size * d
-    total = c.first_k_dense_replace * dense_layer + c.n_moe_layers * moe_total + embed + head + d
-    active = c.first_k_dense_replace * dense_layer + c.n_moe_layers * moe_active + (head or embed) + d
-    if mtp and c.num_nextn_predict_layers:
+def _shapes(config) -> SimpleNamespace:
+    """What counting needs from a V3Config (MLA) or a chapter 00 / chapter 02 decoder config (standard attention)."""
+    if isinstance(config, V3Config):
+        c = config
+        return SimpleNamespace(d=c.hidden_size, vocab=c.vocab_size, attn=_attention_params(c), ffn=c.intermediate_size,
+                               dense=c.first_k_dense_replace, moe=c.n_moe_layers, d_e=c.moe_intermediate_size,
+                               shared=c.n_shared_experts, routed=c.n_routed_experts, k=c.num_experts_per_tok,
+                               tied=c.tie_word_embeddings, mtp=c.num_nextn_predict_layers)
+    if isinstance(config, TransformerConfig):
+        c, is_moe = config, isinstance(config, MoETransformerConfig)
+        attn = 2 * c.d_model * c.head_dim * (c.n_head + c.n_kv_head)  # W_Q and W_O; W_K and W_V for the KV heads
+        dense = c.first_k_dense_replace if is_moe else c.n_layer
+        return SimpleNamespace(d=c.d_model, vocab=c.vocab_size, attn=attn, ffn=c.intermediate_size, dense=dense,
+                               moe=c.n_layer - dense, d_e=getattr(c, "moe_intermediate_size", 0),
+                               shared=getattr(c, "n_shared_experts", 0), routed=getattr(c, "n_routed_experts", 0),
+                               k=getattr(c, "num_experts_per_tok", 0), tied=False, mtp=0)
+    raise TypeError(f"count_params needs a V3Config, MoETransformerConfig or TransformerConfig, not "
+                    f"{type(config).__name__}")
+
+
+def count_params(config, mtp: bool = False, active_embedding: bool = False) -> tuple[int, int]:
+    """(total, activated) parameters of a model with this configuration, counted from the shapes without allocating
+    anything: a V3Config (MLA), or chapter 02's MoETransformerConfig and chapter 00's TransformerConfig (standard
+    attention, as in DeepSeekMoE 16B and DeepSeek LLM). Activated: what one token computes with (the attention, the
+    dense FFNs, the shared experts, `num_experts_per_tok` routed experts and the router in every MoE layer, the norms
+    and the output head). The input embedding is a table look-up: it counts among the activated parameters only with
+    active_embedding=True (DeepSeekMoE's convention; V2 and V3 leave it out). MTP modules are left out unless mtp=True,
+    as in V3's "671B total, 37B activated" (they add 14B to the released checkpoint's 685B, 11.5B of them unique)."""
+    c = _shapes(config)
+    d = c.d
+    attn, norms = c.attn, 2 * d
+    expert = 3 * d * c.d_e  # one SwiGLU expert: gate, up, down
+    router = c.routed * d
+    dense_layer = attn + norms + 3 * d * c.ffn
+    moe_total = attn + norms + router + (c.shared + c.routed) * expert
+    moe_active = attn + norms + router + (c.shared + c.k) * expert
+    embed = c.vocab * d
+    head = 0 if c.tied else c.vocab * d
+    total = c.dense * dense_layer + c.moe * moe_total + embed + head + d
+    active = c.dense * dense_layer + c.moe * moe_active + (head or embed) + d
+    if active_embedding and head:
+        active += embed
+    if mtp and c.mtp:
         per_module = 3 * d + 2 * d * d  # enorm, hnorm, the head's norm, M_k
-        total += c.num_nextn_predict_layers * (per_module + moe_total)
-        active += c.num_nextn_predict_layers * (per_module + moe_active)
+        total += c.mtp * (per_module + moe_total)
+        active += c.mtp * (per_module + moe_active)
     return total, active
 
 
@@ -239,13 +308,15 @@ class V3Block(nn.Module):
 
 
 def read_hf_config(directory: str | Path) -> dict:
-    """A transformers DeepseekV3 folder's config.json, as a dict (its model_type checked)."""
+    """A transformers DeepseekV3 or DeepseekV2 folder's config.json, as a dict (its model_type checked)."""
     cfg_path = Path(directory) / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: from_hf needs a checkpoint folder with config.json")
     raw = json.loads(cfg_path.read_text())
-    if raw.get("model_type") not in ("deepseek_v3", None):
-        raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not deepseek_v3")
+    if raw.get("model_type") not in ("deepseek_v3", "deepseek_v2", None):
+        raise ValueError(f"{cfg_path}: model_type {raw.get('model_type')!r} is not deepseek_v3 or deepseek_v2")
+    if raw.get("model_type") == "deepseek_v3" and raw.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"{cfg_path}: topk_method {raw['topk_method']!r}: transformers' DeepseekV3 routes noaux_tc")
     return raw
 
 
@@ -305,7 +376,37 @@ class CachesAndMTP:
         return int(self.lm_head(self.mtp[0].norm(h[:, -1])).argmax(-1))
 
 
-class DeepSeekV3(CachesAndMTP, nn.Module):
+class HFCheckpoints:
+    """DeepSeekV3's transformers folders, read and written (the mappings hf_to_dslib and dslib_to_hf are below)."""
+
+    @classmethod
+    def from_hf(cls, directory: str | Path, mode: str = "absorb") -> "DeepSeekV3":
+        """Load a Hugging Face transformers DeepseekV3 checkpoint (config.json and *.safetensors, one tensor per
+        expert, the layout the released weights use) into dslib, without transformers and without unpickling.
+        Names are mapped one to one; per-expert matrices are stacked. MTP weights (layer num_hidden_layers onward,
+        which transformers does not load either) are not read: the model comes without MTP."""
+        raw = read_hf_config(directory)
+        config = V3Config.from_dict({**raw, "num_nextn_predict_layers": 0})
+        tensors, model = read_safetensors(directory), cls(config, mode=mode)
+        v2 = raw.get("model_type") == "deepseek_v2"  # V2 has no selection bias: it stays zero
+        load_checked(model, hf_to_dslib(tensors, config), directory, may_miss="e_score_correction_bias" if v2 else None)
+        return model
+
+    def to_hf(self, directory: str | Path, tokenizer=None) -> Path:
+        """Write a transformers folder (config.json, model.safetensors in the released per-expert layout, and the
+        tokenizer files when a dslib Tokenizer is given) that AutoModelForCausalLM loads: a DeepseekV3 folder for V3's
+        routing (noaux_tc, sigmoid), a DeepseekV2 folder for V2's (group_limited_greedy or greedy, softmax). MTP
+        modules are not written (transformers does not run them). Returns the folder."""
+        c = self.config
+        if tokenizer is not None and tokenizer.vocab_size != c.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                             f"{c.vocab_size}")
+        return write_hf_folder(directory, hf_config_dict(c, tokenizer), dslib_to_hf(self.state_dict(), c),
+                               hf_generation_config(c.max_position_embeddings, tokenizer), tokenizer,
+                               model_max_length=c.max_position_embeddings)
+
+
+class DeepSeekV3(CachesAndMTP, HFCheckpoints, nn.Module):
     """DeepSeek-V3 (arXiv 2412.19437, section 2): MLA in every layer, dense then DeepSeekMoE feed-forward layers, and
     D MTP modules (dslib.mtp) sharing the embedding and output head. forward has dslib.transformer.Transformer's
     signature, so training, packing and generation work unchanged; mode ("absorb"/"naive"): how a cached forward
@@ -337,7 +438,8 @@ class DeepSeekV3(CachesAndMTP, nn.Module):
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE angles (cos, sin) of positions (b, t) for the decoupled keys and queries."""
-        return rope_cos_sin(positions, self.config.qk_rope_head_dim, self.config.rope_theta)
+        c = self.config
+        return scaled_rope_cos_sin(positions, c.qk_rope_head_dim, c.rope_theta, c.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segments: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
@@ -370,20 +472,6 @@ class DeepSeekV3(CachesAndMTP, nn.Module):
         if value not in ("naive", "absorb"):
             raise ValueError(f"mode={value!r} is invalid: 'naive' or 'absorb' is required")
         self._mode = value
-
-    @classmethod
-    def from_hf(cls, directory: str | Path, mode: str = "absorb") -> "DeepSeekV3":
-        """Load a Hugging Face transformers DeepseekV3 checkpoint (config.json and *.safetensors, one tensor per
-        expert, the layout the released weights use) into dslib, without transformers and without unpickling.
-        Names are mapped one to one; per-expert matrices are stacked. MTP weights (layer num_hidden_layers onward,
-        which transformers does not load either) are not read: the model comes without MTP."""
-        config = V3Config.from_dict({**read_hf_config(directory), "num_nextn_predict_layers": 0})
-        tensors, model = read_safetensors(directory), cls(config, mode=mode)
-        missing, unexpected = model.load_state_dict(hf_to_dslib(tensors, config), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory}: the checkpoint does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model
 
 
 _HF_ATTENTION = {"q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
@@ -434,4 +522,83 @@ def hf_to_dslib(tensors: dict[str, torch.Tensor], config: V3Config) -> dict[str,
             raise ValueError(f"layer {i}: {proj} has experts {sorted(per_expert)[:5]}..., "
                              f"not 0..{config.n_routed_experts - 1}")
         out[f"layers.{i}.ffn.experts.{proj}"] = torch.stack([per_expert[e] for e in range(config.n_routed_experts)])
+    return out
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where, may_miss: str | None = None) -> None:
+    """Load `state` into `model`, or raise a ValueError naming the first tensors that are missing, unexpected or of
+    the wrong shape (names ending in `may_miss` may be absent)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not (may_miss and k.endswith(may_miss))]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in state
+              if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where}: the checkpoint does not match its config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, wrong shape {shapes[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+_DSLIB_ATTENTION = {ours: theirs for theirs, ours in _HF_ATTENTION.items()}
+
+
+def hf_model_type(config: V3Config) -> str:
+    """The transformers model type that computes what this configuration computes (or a ValueError naming why none)."""
+    c = config
+    if c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid":
+        return "deepseek_v3"
+    if c.topk_method in ("group_limited_greedy", "greedy") and c.scoring_func == "softmax":
+        if c.norm_topk_prob:
+            raise ValueError("V3Config.norm_topk_prob=True with V2's routing: transformers' DeepseekV2 never "
+                             "normalises the gating weights, so no transformers model computes this one")
+        return "deepseek_v2"
+    raise ValueError(f"V3Config.topk_method={c.topk_method!r} with scoring_func={c.scoring_func!r}: transformers "
+                     "has this routing in neither DeepseekV3 (noaux_tc, sigmoid) nor DeepseekV2 (softmax)")
+
+
+def hf_config_dict(config: V3Config, tokenizer=None) -> dict:
+    """The config.json of the transformers model that computes what `config` computes."""
+    c, model_type = config, hf_model_type(config)
+    d = {k: v for k, v in c.to_dict().items() if k not in ("bias_update_speed", "rope_scaling")}
+    d.update(model_type=model_type, architectures=["DeepseekV3ForCausalLM" if model_type == "deepseek_v3"
+                                                   else "DeepseekV2ForCausalLM"],
+             num_key_value_heads=c.num_attention_heads, hidden_act="silu", attention_bias=False, torch_dtype="float32",
+             num_nextn_predict_layers=0, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta,
+                                                           **(c.rope_scaling or {})})
+    if tokenizer is not None:
+        d.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return d
+
+
+def dslib_to_hf(state: dict[str, torch.Tensor], config: V3Config) -> dict[str, torch.Tensor]:
+    """DeepSeekV3's state dict under transformers' names, one matrix per expert (the inverse of hf_to_dslib). The
+    MTP modules are left out; so is V2's selection bias, which must then be zero."""
+    out: dict[str, torch.Tensor] = {}
+    top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    v2 = hf_model_type(config) == "deepseek_v2"
+    for name, w in state.items():
+        parts = name.split(".")
+        if name in top:
+            out[top[name]] = w
+        elif parts[0] == "mtp":
+            continue
+        elif parts[0] == "layers":
+            p, rest = f"model.layers.{parts[1]}.", parts[2:]
+            if rest[0] == "attn_norm":
+                out[p + "input_layernorm.weight"] = w
+            elif rest[0] == "ffn_norm":
+                out[p + "post_attention_layernorm.weight"] = w
+            elif rest[0] == "attn":
+                out[p + "self_attn." + _DSLIB_ATTENTION[rest[1]] + "." + rest[2]] = w
+            elif rest[:2] == ["ffn", "experts"]:
+                for e in range(w.shape[0]):
+                    out[f"{p}mlp.experts.{e}.{rest[2]}.weight"] = w[e]
+            elif rest[:3] == ["ffn", "gate", "e_score_correction_bias"] and v2:
+                if w.abs().max() > 0:
+                    raise ValueError(f"{name} is not zero, and transformers' DeepseekV2 has no selection bias")
+            else:
+                out[p + "mlp." + ".".join(rest[1:])] = w
+        else:
+            raise ValueError(f"unknown tensor {name} in a DeepSeekV3 state dict")
     return out

@@ -6,13 +6,17 @@ the tokenizer and packed batches (chapter 00)."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from dslib.checkpoint import atomic_write_text
 
 STYLES = ("bare", "steps", "guess_verify", "slip_fix", "slip")
 LANGUAGES = ("sym", "en")
@@ -298,7 +302,16 @@ _PRIVATE = 0xE000  # specials are swapped for private-use code points while enco
 _PRIVATE_RE = re.compile("[\ue000-\uf8ff]")
 
 
-class Tokenizer:
+class HFTokenizerFiles:
+    """Tokenizer's export for Hugging Face transformers (the work is done by write_hf_tokenizer, section 5)."""
+
+    def to_hf(self, directory: str | Path, model_max_length: int | None = None) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory, so that
+        transformers.AutoTokenizer.from_pretrained(directory) gives this tokenizer's ids (see write_hf_tokenizer)."""
+        return write_hf_tokenizer(self, directory, model_max_length)
+
+
+class Tokenizer(HFTokenizerFiles):
     """Character-level tokenizer with single-token specials: <pad> <bos> <eos>, the think and answer tags, and " wait "
     (spaces included, so that the reflection word is one decision for the model)."""
 
@@ -617,3 +630,41 @@ def rows_to_batch(rows: dict[str, np.ndarray], device: torch.device | str = "cpu
         "segments": seg[:, :-1],
         "loss_mask": (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0) & t["response"][:, 1:],
     }
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_length: int | None = None) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory, so that
+    transformers.AutoTokenizer.from_pretrained(directory) gives the ids of `tokenizer`: a WordLevel model over the same
+    vocabulary, one piece per character, every special token an added token matched before the characters are split,
+    and a post-processor that puts <bos> in front (tok(text) is tokenizer.encode(text, bos=True), as the course
+    encodes prompts; add_special_tokens=False gives encode(text)). <pad>, <bos> and <eos> are marked special, so
+    skip_special_tokens drops them as decode does; the tags and " wait " are not. A character outside the vocabulary
+    is an error there too (WordLevel has no unknown token). Each file is written to a temporary name and renamed."""
+    try:
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError as e:
+        raise ImportError("Tokenizer.to_hf needs the `tokenizers` package (it comes with transformers): "
+                          "pip install tokenizers") from e
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder: Tokenizer.to_hf writes files into a folder")
+    roles = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    marked = {role: s for role, s in roles.items() if s in tokenizer.specials}  # the tokens decode skips
+    hf = HFTokenizer(models.WordLevel(dict(tokenizer.stoi), unk_token=None))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character its own piece
+    hf.decoder = decoders.Fuse()  # decoding joins the pieces with nothing between them
+    hf.add_tokens([AddedToken(s, normalized=False, special=False)
+                   for s in tokenizer.specials if s not in marked.values()])
+    hf.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in marked.values()])
+    if "bos_token" in marked:
+        hf.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos>:1 $B:1", special_tokens=[("<bos>", tokenizer.bos_id)])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **marked, "clean_up_tokenization_spaces": False,
+              "padding_side": "left"}  # left: a batch of prompts ends at the same column, as generation needs
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    atomic_write_text(directory / "tokenizer.json", hf.to_str(pretty=True))
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(marked, indent=2) + "\n")
+    return directory

@@ -1,5 +1,6 @@
 """Unit tests of dslib.mla: config checks, the layer against a per-head loop, absorbed == naive == uncached, RoPE
-positions across cached steps, packed rows, cache bytes against Table 1, the real configurations, and training."""
+positions across cached steps, packed rows, cache bytes against Table 1, the real configurations, training, and YaRN
+(the rope_scaling of the released V2/V3 configs) against transformers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from dslib.mla import (MLA, MODES, MLACache, MLAConfig, MLATransformer, MLATransformerConfig, bytes_per_element,
-                       kv_cache_bytes, kv_cache_elements)
+                       check_rope_scaling, kv_cache_bytes, kv_cache_elements, rope_frequencies, scaled_rope_cos_sin,
+                       yarn_correction_range, yarn_mscale, yarn_softmax_factor)
 from dslib.train import TrainConfig, Trainer
 from dslib.transformer import KVCache, TransformerConfig, rope_cos_sin
 from dslib.world import PackedData, World
@@ -302,3 +304,244 @@ def test_trains_with_the_trainer_and_loss_falls():
     assert all(math.isfinite(x) for x in history["loss"])
     assert history["eval_loss"][-1] < 0.8 * history["eval_loss"][0]
     assert sum(history["loss"][-5:]) < 0.8 * sum(history["loss"][:5])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YaRN: rope_scaling as the released DeepSeek-V2/V3 config.json files write it
+
+V2_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
+V3_YARN = {**V2_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}
+MIXED_YARN = {**V2_YARN, "mscale": 1.0, "mscale_all_dim": 0.707}  # cos and sin get a factor != 1
+YARN_BLOCKS = {"V2": V2_YARN, "V3": V3_YARN, "mixed": MIXED_YARN,
+               "no mscale": {"rope_type": "yarn", "factor": 8, "original_max_position_embeddings": 512},
+               "no rounding": {**V3_YARN, "factor": 4, "original_max_position_embeddings": 256, "truncate": False},
+               "attention_factor": {**V3_YARN, "factor": 16, "attention_factor": 1.3}}
+
+
+def test_rope_scaling_blocks_match_the_released_configs():
+    """The blocks above are the ones dslib/configs/ transcribes from the released config.json files."""
+    import json
+    from pathlib import Path
+
+    import dslib
+    folder = Path(dslib.__file__).parent / "configs"
+    for name, block in (("deepseek-v2.json", V2_YARN), ("deepseek-v3.json", V3_YARN)):
+        assert json.loads((folder / name).read_text())["rope_scaling"] == block
+
+
+def _hf_config(block: dict, dim: int, kind: str = "v3", key: str = "rope_scaling", theta: float = 10000.0):
+    transformers = pytest.importorskip("transformers")
+    cls = transformers.DeepseekV3Config if kind == "v3" else transformers.DeepseekV2Config
+    return cls(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+               kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=dim, v_head_dim=8, num_hidden_layers=1,
+               max_position_embeddings=40 * block["original_max_position_embeddings"], rope_theta=theta,
+               **{key: dict(block)})
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", list(YARN_BLOCKS))
+@pytest.mark.parametrize("dim", [64, 8])
+@pytest.mark.parametrize("kind, key", [("v3", "rope_scaling"), ("v2", "rope_parameters")])
+def test_rope_frequencies_match_transformers_yarn(name: str, dim: int, kind: str, key: str):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    block = YARN_BLOCKS[name]
+    hf_config = _hf_config(block, dim, kind, key)
+    assert hf_config.rope_parameters["rope_type"] == "yarn"
+    hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    inv_freq, factor = rope_frequencies(dim, 10000.0, block)
+    assert inv_freq.dtype == torch.float32 and inv_freq.shape == (dim // 2,)
+    torch.testing.assert_close(inv_freq, hf_inv_freq.float(), rtol=1e-6, atol=1e-6)
+    assert factor == pytest.approx(hf_factor, abs=1e-6)
+    if name == "mixed":
+        assert factor != pytest.approx(1.0)
+    if name in ("V2", "V3"):
+        assert factor == 1.0  # mscale == mscale_all_dim: cos and sin unscaled, the softmax scale carries it
+
+
+def test_scaled_rope_cos_sin_without_scaling_is_rope_cos_sin_exactly():
+    positions = torch.arange(3 * 4096).view(3, 4096)
+    for none in (None, {}, {"rope_type": "default"}, {"type": "default", "rope_theta": 10000.0}):
+        for dim, theta in ((64, 10000.0), (8, 500.0)):
+            for got, want in zip(scaled_rope_cos_sin(positions, dim, theta, none), rope_cos_sin(positions, dim, theta)):
+                assert torch.equal(got, want)
+        inv_freq, factor = rope_frequencies(64, 10000.0, none)
+        angles = positions.float()[..., None] * inv_freq
+        assert factor == 1.0 and torch.equal(angles.cos(), rope_cos_sin(positions, 64, 10000.0)[0])
+
+
+def test_scaled_rope_cos_sin_uses_yarn_frequencies_and_factor():
+    positions = torch.arange(100).expand(2, 100)
+    inv_freq, factor = rope_frequencies(16, 10000.0, MIXED_YARN)
+    cos, sin = scaled_rope_cos_sin(positions, 16, 10000.0, MIXED_YARN)
+    angles = positions.double()[..., None] * inv_freq.double()
+    assert cos.shape == (2, 100, 8) and factor != 1.0
+    torch.testing.assert_close(cos.double(), angles.cos() * factor, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sin.double(), angles.sin() * factor, rtol=1e-5, atol=1e-5)
+
+
+def test_yarn_frequencies_keep_fast_pairs_and_divide_slow_ones():
+    plain, _ = rope_frequencies(64, 10000.0)
+    yarn, _ = rope_frequencies(64, 10000.0, V3_YARN)
+    low, high = yarn_correction_range(64, 10000.0, V3_YARN)
+    assert (low, high) == (10, 23)  # V3: pairs 0-10 kept, 23-31 divided by 40
+    assert torch.equal(yarn[:low + 1], plain[:low + 1]) and torch.equal(yarn[high:], plain[high:] / 40)
+    assert ((yarn[low + 1:high] < plain[low + 1:high]) & (yarn[low + 1:high] > plain[low + 1:high] / 40)).all()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", ["V2", "V3", "mixed", "no mscale"])
+def test_yarn_softmax_factor_matches_transformers_attention(name: str):
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    block = YARN_BLOCKS[name]
+    hf_config = _hf_config(block, 8)
+    attn = DeepseekV3Attention(hf_config, layer_idx=0)
+    qk_head_dim = hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim
+    assert yarn_softmax_factor(block) == pytest.approx(attn.scaling / qk_head_dim ** -0.5, rel=1e-12)
+    ours = MLA(MLAConfig(d_model=32, n_head=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                         v_head_dim=8, rope_scaling=block))
+    assert ours.softmax_scale == pytest.approx(attn.scaling, rel=1e-12)
+
+
+def test_yarn_factors_closed_forms():
+    assert yarn_mscale(1.0) == 1.0 and yarn_mscale(0.5, 2.0) == 1.0
+    assert yarn_mscale(40, 0.707) == pytest.approx(0.0707 * math.log(40) + 1)  # V2, section 3.1.4
+    assert yarn_softmax_factor(V2_YARN) == pytest.approx((0.0707 * math.log(40) + 1) ** 2)
+    assert yarn_softmax_factor(V3_YARN) == pytest.approx((0.1 * math.log(40) + 1) ** 2)
+    assert yarn_softmax_factor(None) == 1.0 and yarn_softmax_factor(YARN_BLOCKS["no mscale"]) == 1.0
+    assert rope_frequencies(64, 10000.0, YARN_BLOCKS["no mscale"])[1] == pytest.approx(0.1 * math.log(8) + 1)
+    assert rope_frequencies(64, 10000.0, YARN_BLOCKS["attention_factor"])[1] == 1.3
+
+
+def test_check_rope_scaling_normalises():
+    assert check_rope_scaling(None) is None and check_rope_scaling({}) is None
+    assert check_rope_scaling({"rope_type": "default", "rope_theta": 10000.0}) is None
+    assert check_rope_scaling({"type": "default"}) is None
+    old, new = check_rope_scaling(V3_YARN), check_rope_scaling({**V3_YARN, "rope_type": "yarn", "rope_theta": 1e4})
+    assert old == new == {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    assert check_rope_scaling(old) == old  # idempotent: a stored config validates again
+    defaults = check_rope_scaling({"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64})
+    assert (defaults["beta_fast"], defaults["beta_slow"], defaults["mscale"], defaults["mscale_all_dim"]) == \
+        (32.0, 1.0, 1.0, 0.0)
+    assert "attention_factor" not in defaults and "truncate" not in defaults
+    extra = check_rope_scaling({**V3_YARN, "attention_factor": 1.2, "truncate": False})
+    assert extra["attention_factor"] == 1.2 and extra["truncate"] is False
+
+
+@pytest.mark.parametrize("block, field", [
+    ({"type": "yarn", "original_max_position_embeddings": 4096}, "factor"),
+    ({"type": "yarn", "factor": 40}, "original_max_position_embeddings"),
+    ({"rope_type": "linear", "factor": 4}, "rope_type"),
+    ({"type": "dynamic", "factor": 4}, "rope_type"),
+    ({"factor": 40, "original_max_position_embeddings": 4096}, "rope_type"),
+    ({**V3_YARN, "rope_type": "default"}, "rope_type"),  # 'type' and 'rope_type' disagree
+    ({**V3_YARN, "factor": 0}, "factor"),
+    ({**V3_YARN, "factor": "40"}, "factor"),
+    ({**V3_YARN, "original_max_position_embeddings": 4096.5}, "original_max_position_embeddings"),
+    ({**V3_YARN, "original_max_position_embeddings": -1}, "original_max_position_embeddings"),
+    ({**V3_YARN, "beta_fast": -32}, "beta_fast"),
+    ({**V3_YARN, "beta_fast": 1, "beta_slow": 2}, "beta_fast"),
+    ({**V3_YARN, "mscale": 0}, "mscale"),
+    ({**V3_YARN, "mscale_all_dim": -1}, "mscale_all_dim"),
+    ({**V3_YARN, "attention_factor": -1.0}, "attention_factor"),
+    ({**V3_YARN, "truncate": "yes"}, "truncate"),
+    ("yarn", "rope_scaling"),
+])
+def test_check_rope_scaling_names_the_field(block, field: str):
+    with pytest.raises(ValueError, match=field):
+        check_rope_scaling(block)
+    with pytest.raises(ValueError, match=rf"MLAConfig\.rope_scaling=.*{field}"):
+        MLAConfig(rope_scaling=block)
+
+
+def test_config_stores_rope_scaling_normalised_and_round_trips():
+    c = MLATransformerConfig(vocab_size=V, rope_scaling=V2_YARN)
+    assert c.rope_scaling == check_rope_scaling(V2_YARN) and c.rope_scaling["rope_type"] == "yarn"
+    assert MLATransformerConfig(**c.to_dict()) == c
+    plain = MLATransformerConfig(vocab_size=V, rope_scaling={"rope_type": "default"})
+    assert plain.rope_scaling is None and "rope_scaling" not in plain.to_dict()  # configs without YaRN read as before
+    with pytest.raises(ValueError, match=r"MLAConfig\.rope_theta="):
+        MLAConfig(rope_theta=0.5, rope_scaling=V3_YARN)
+
+
+def test_without_rope_scaling_the_model_is_bit_for_bit_unchanged():
+    plain, default = tiny(), tiny(rope_scaling={"rope_type": "default"})
+    assert plain.layers[0].attn.softmax_scale == (8 + 4) ** -0.5
+    x = tokens(2, 20)
+    with torch.no_grad():
+        assert torch.equal(plain(x), default(x))
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
+def test_yarn_absorbed_decode_equals_naive_forward_past_the_original_context(q_lora_rank: int):
+    """A model with YaRN from an original context of 16, run to 64 positions: the cached decode (prefill, a chunk
+    across position 16, then single tokens), absorbed and naive, equals the uncached forward; and YaRN changes it."""
+    block = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "mscale": 1.0,
+             "mscale_all_dim": 0.707}
+    model = tiny(q_lora_rank=q_lora_rank, qk_rope_head_dim=8, rope_scaling=block)
+    assert model.layers[0].attn.softmax_scale == pytest.approx((8 + 8) ** -0.5 * yarn_softmax_factor(block))
+    x = tokens(2, 64, seed=3)
+    with torch.no_grad():
+        full = model(x)
+        for mode in MODES:
+            model.mode = mode
+            cache = model.new_cache(2, 64)
+            parts = [model(x[:, :10], cache=cache), model(x[:, 10:24], cache=cache)]
+            parts += [model(x[:, i:i + 1], cache=cache) for i in range(24, 64)]
+            torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+        plain = tiny(q_lora_rank=q_lora_rank, qk_rope_head_dim=8)  # the same weights, plain RoPE
+        assert not torch.allclose(plain(x)[:, 16:], full[:, 16:], atol=1e-3)
+
+
+def test_yarn_layer_matches_per_head_loop_with_yarn_angles():
+    """The layer with YaRN's cos and sin and softmax factor against the per-head loop, whose RoPE and scale are
+    replaced by YaRN's (float64): the frequencies and the scale enter where they should."""
+    torch.manual_seed(0)
+    block = {**MIXED_YARN, "original_max_position_embeddings": 4}
+    c = MLAConfig(d_model=32, n_head=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6,
+                  rope_scaling=block)
+    attn = MLA(c)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 12, 32)
+    cos, sin = scaled_rope_cos_sin(torch.arange(12).expand(1, 12), 8, c.rope_theta, block)
+    with torch.no_grad():
+        got = attn(x, cos, sin, mode="absorb")
+    inv_freq, factor = rope_frequencies(8, c.rope_theta, block)
+    # the loop's plain RoPE and softmax, at YaRN's frequencies: rotate by the YaRN angles, scale q^R and k^R by the
+    # factor on cos and sin, and the scores by the softmax factor
+    want = _per_head_loop_yarn(attn, x, inv_freq.double(), factor, yarn_softmax_factor(block))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _per_head_loop_yarn(attn: MLA, x: torch.Tensor, inv_freq: torch.Tensor, factor: float,
+                        softmax_factor: float) -> torch.Tensor:
+    c = attn.c
+    dn, dr, dv, dc, h = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank, c.n_head
+    W = {k: p.detach().double() for k, p in attn.named_parameters()}
+    up = W["wkv_b.weight"].view(h, dn + dv, dc)
+    q_all = W["wq.weight"].view(h, dn + dr, -1)
+    w_o = W["wo.weight"].view(-1, h, dv)
+
+    def rms(v, g):
+        return v / torch.sqrt((v * v).mean() + c.norm_eps) * g
+
+    def rope(v, pos):
+        z = torch.view_as_complex(v.reshape(-1, 2).contiguous()) * torch.exp(1j * pos * inv_freq) * factor
+        return torch.view_as_real(z).flatten()
+
+    xs = x.double()[0]
+    out = torch.zeros(1, x.shape[1], c.d_model, dtype=torch.float64)
+    ckv = [rms(W["wkv_a.weight"][:dc] @ xs[j], W["kv_norm.weight"]) for j in range(x.shape[1])]
+    kr = [rope(W["wkv_a.weight"][dc:] @ xs[j], j) for j in range(x.shape[1])]
+    for t in range(x.shape[1]):
+        for i in range(h):
+            q = torch.cat([q_all[i, :dn] @ xs[t], rope(q_all[i, dn:] @ xs[t], t)])
+            s = torch.stack([q @ torch.cat([up[i, :dn] @ ckv[j], kr[j]]) for j in range(t + 1)])
+            p = torch.softmax(s * softmax_factor / math.sqrt(dn + dr), 0)
+            out[0, t] += w_o[:, i] @ sum(p[j] * (up[i, dn:] @ ckv[j]) for j in range(t + 1))
+    return out.float()

@@ -35,6 +35,7 @@ def _experts_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     (dict(n_routed_experts=8, n_group=2, topk_group=3), "topk_group"),
     (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
     (dict(scoring_func="tanh"), "scoring_func"),
+    (dict(topk_method="group_max"), "topk_method"),
     (dict(n_shared_experts=-1), "n_shared_experts"),
     (dict(n_routed_experts=8, n_devices=3), "n_devices"),
     (dict(aux_loss_alpha=-0.1), "aux_loss_alpha"),
@@ -302,3 +303,49 @@ def test_sigmoid_gating_matches_transformers():
     hf_order = hf_indices.sort(1)
     assert torch.equal(order.values, hf_order.values)
     torch.testing.assert_close(ours.routing.weights.gather(1, order.indices), hf_weights.gather(1, hf_order.indices))
+
+
+@pytest.mark.parametrize("method, n_group, topk_group", [("group_limited_greedy", 4, 2), ("group_limited_greedy", 8, 3),
+                                                         ("greedy", 1, 1), ("greedy", 4, 1)])
+def test_v2_routing_matches_transformers(method, n_group, topk_group):
+    """V2's group-limited greedy routing (a group scores as its best expert) and V2-Lite's greedy routing, against
+    transformers' DeepseekV2Moe, on spread router weights (so that the group limit changes choices)."""
+    pytest.importorskip("transformers")
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    torch.manual_seed(1)
+    c = MoEConfig(d_model=32, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2,
+                  scoring_func="softmax", n_group=n_group, topk_group=topk_group, topk_method=method,
+                  norm_topk_prob=False, routed_scaling_factor=1.0, init_std=0.3)
+    ours = MoE(c)
+    hc = DeepseekV2Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+                          n_shared_experts=2, n_group=n_group, topk_group=topk_group, topk_method=method,
+                          routed_scaling_factor=1.0)
+    hc._experts_implementation = "eager"
+    hf = DeepseekV2Moe(hc)
+    hf.load_state_dict({"gate.weight": ours.gate.weight, "experts.down_proj": ours.experts.down_proj,
+                        "experts.gate_up_proj": torch.cat([ours.experts.gate_proj, ours.experts.up_proj], dim=1),
+                        **{f"shared_experts.{k}": v for k, v in ours.shared_experts.state_dict().items()}}, strict=True)
+    x = torch.randn(4, 16, 32)
+    with torch.no_grad():
+        assert (hf(x) - ours(x)).abs().max() < 1e-5
+        _, hf_weights, hf_indices = hf.gate(x)
+    assert torch.equal(ours.routing.indices.sort(1).values, hf_indices.sort(1).values)
+    if method == "group_limited_greedy":  # the rule matters: V3's top-2 sum routes some tokens elsewhere
+        c.topk_method = "noaux_tc"
+        with torch.no_grad():
+            v3_choice = ours.gate(x.view(-1, 32)).indices.sort(1).values
+        assert (v3_choice != hf_indices.sort(1).values).any()
+
+
+def test_greedy_ignores_groups():
+    torch.manual_seed(0)
+    grouped = MoEConfig(d_model=8, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=1,
+                        topk_method="greedy", scoring_func="softmax", init_std=1.0)
+    router = Router(grouped)
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        r = router(x)
+    assert torch.equal(r.indices.sort(1).values, r.scores.topk(4, dim=1).indices.sort(1).values)
+    assert max(len(set(g)) for g in (r.indices // 4).tolist()) > 1  # one kept group would allow only one

@@ -1,6 +1,7 @@
 """dslib.v3: the configuration, counting, the assembled model, and parity with transformers' DeepseekV3."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -155,3 +156,158 @@ def test_parity_with_transformers(tmp_path, q_lora_rank):
     x = torch.randint(0, V, (2, 40))
     with torch.no_grad():
         assert (ref(x).logits - ours(x)).abs().max() < 1e-4
+
+
+# --- Released configurations, and checkpoints in both directions (transformers' DeepseekV2 / DeepseekV3) ---------
+
+from dslib.moe import MoETransformer, moe_layers  # noqa: E402
+from dslib.transformer import Transformer, TransformerConfig  # noqa: E402
+from dslib.v3 import RELEASED, released_config, released_config_dict  # noqa: E402
+
+
+def test_four_headline_pairs_from_the_released_configs():
+    """Total and activated parameters as each paper states them: V2 and V3 leave the input embedding out of the
+    activated count, DeepSeekMoE counts it (2.8B with it; 2.6B without)."""
+    conventions = {"DeepSeek-V3": (671, 37, False, 0), "DeepSeek-V2": (236, 21, False, 0),
+                   "DeepSeek-V2-Lite": (15.7, 2.4, False, 1), "DeepSeekMoE-16B": (16.4, 2.8, True, 1)}
+    def as_published(count: int, published: float, digits: int) -> bool:  # rounded, or (V2-Lite's 2.45B) truncated
+        scale = 10 ** digits
+        return published in (round(count / 1e9, digits), math.floor(count / 1e9 * scale) / scale)
+
+    for name, (total, active, with_embedding, digits) in conventions.items():
+        t, a = count_params(released_config(name), active_embedding=with_embedding)
+        assert as_published(t, total, digits) and as_published(a, active, digits), name
+    _, moe_without = count_params(released_config("DeepSeekMoE-16B"))
+    assert round(moe_without / 1e9, 1) == 2.6
+
+
+def test_released_configs_read_as_they_are():
+    with pytest.warns(UserWarning, match="quantization_config"):
+        v3 = V3Config.from_dict(released_config_dict("DeepSeek-V3"))
+    assert v3.topk_method == "noaux_tc" and v3.rope_scaling["factor"] == 40 and v3.rope_scaling["mscale_all_dim"] == 1
+    v2, lite = released_config("DeepSeek-V2"), released_config("DeepSeek-V2-Lite")
+    assert v2.topk_method == "group_limited_greedy" and v2.scoring_func == "softmax" and not v2.norm_topk_prob
+    assert v2.rope_scaling["mscale_all_dim"] == 0.707 and (v2.n_group, v2.topk_group) == (8, 3)
+    assert lite.topk_method == "greedy" and lite.q_lora_rank is None and lite.n_routed_experts == 64
+    assert set(RELEASED) == {"DeepSeek-V3", "DeepSeek-V2", "DeepSeek-V2-Lite", "DeepSeekMoE-16B"}
+    with pytest.raises(ValueError, match="unknown released model"):
+        released_config("DeepSeek-V4")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MoETransformer(released_config("DeepSeekMoE-16B").__class__(
+        vocab_size=50, d_model=32, n_layer=3, n_head=4, n_kv_head=2, intermediate_size=48, moe_intermediate_size=8,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1)),
+    lambda: Transformer(TransformerConfig(vocab_size=50, d_model=32, n_layer=2, n_head=4, n_kv_head=1))])
+def test_count_covers_standard_attention(make):
+    model = make()
+    total, active = count_params(model.config, active_embedding=True)
+    assert total == model.num_params()
+    if isinstance(model, MoETransformer):
+        assert active == model.num_activated_params()
+    else:
+        assert active == total
+
+
+def _spread(model, bias: bool) -> None:
+    """Random router and expert weights wide enough that routing choices depend on them (and a random bias)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".gate.weight" in name or "experts" in name:
+                p.normal_(0, 0.3)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name and bias:
+                b.normal_(0, 0.1)
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+CASES = {
+    "v2-group-limited": dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                             norm_topk_prob=False, routed_scaling_factor=16.0, q_lora_rank=24),
+    "v2-lite-greedy": dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1,
+                           norm_topk_prob=False, routed_scaling_factor=1.0),
+    "v3-bias": dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True,
+                    routed_scaling_factor=2.5),
+    "v3-yarn": dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True,
+                    routed_scaling_factor=2.5, rope_scaling=YARN),
+    "v2-yarn": dict(scoring_func="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                    norm_topk_prob=False, routed_scaling_factor=16.0, rope_scaling=YARN),
+}
+
+
+def _mini(case: str) -> V3Config:
+    return V3Config(vocab_size=V, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                    num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
+                    num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, qk_rope_head_dim=8,
+                    qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64,
+                    bias_update_speed=0.0 if "v2" in case else 0.001, **CASES[case])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_to_hf_then_transformers_and_back(tmp_path, case):
+    """dslib -> to_hf -> transformers' AutoModelForCausalLM, and that folder -> from_hf -> dslib: the same logits
+    (float32, within 1e-4), at positions past YaRN's original context (48 > 16) where it is on."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = DeepSeekV3(_mini(case)).eval()
+    _spread(ours, bias="v3" in case)
+    ours.to_hf(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == ("deepseek_v2" if "v2" in case else "deepseek_v3")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    back = DeepSeekV3.from_hf(tmp_path / "hf").eval()
+    x = torch.randint(0, V, (2, 48))
+    with torch.no_grad():
+        logits = ours(x)
+        assert (ref(x).logits - logits).abs().max() < 1e-4
+        assert (back(x) - logits).abs().max() < 1e-6
+    if case == "v2-group-limited":  # the group limit changes choices here: V3's rule would give other logits
+        for layer in moe_layers(back):
+            layer.gate.config.topk_method = "noaux_tc"
+        with torch.no_grad():
+            assert (back(x) - logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["v2-group-limited", "v2-lite-greedy", "v3-yarn"])
+def test_transformers_checkpoint_loads_into_dslib(tmp_path, case):
+    """The other direction: a model built by transformers from its own config, saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    kw = {k: v for k, v in _mini(case).to_dict().items() if k not in ("bias_update_speed", "rope_scaling")}
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
+    if CASES[case].get("rope_scaling"):
+        kw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, **YARN}
+        del kw["rope_parameters"]["type"]
+    cls = transformers.DeepseekV2Config if "v2" in case else transformers.DeepseekV3Config
+    torch.manual_seed(1)
+    ref = transformers.AutoModelForCausalLM.from_config(cls(**kw)).eval()
+    _spread(ref, bias="v3" in case)
+    ref.save_pretrained(tmp_path)
+    ours = DeepSeekV3.from_hf(tmp_path).eval()
+    assert ours.config.topk_method == CASES[case]["topk_method"]
+    x = torch.randint(0, V, (2, 48))
+    with torch.no_grad():
+        assert (ref(x).logits - ours(x)).abs().max() < 1e-4
+
+
+def test_checkpoint_errors_name_the_field_or_tensor(tmp_path):
+    torch.manual_seed(0)
+    DeepSeekV3(_mini("v3-bias")).to_hf(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**good, "model_type": "deepseek_v2",
+                                                      "topk_method": "group_max"}))
+    with pytest.raises(ValueError, match="topk_method"):
+        DeepSeekV3.from_hf(tmp_path)
+    broken = {**good, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
+    (tmp_path / "config.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        DeepSeekV3.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**good, "kv_lora_rank": 12}))
+    with pytest.raises(ValueError, match="kv_a_proj|wkv_a"):
+        DeepSeekV3.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**good, "num_hidden_layers": 4}))
+    with pytest.raises(ValueError, match="missing.*layers.3"):
+        DeepSeekV3.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        DeepSeekV3(_mini("v2-lite-greedy").__class__(**{**_mini("v2-lite-greedy").to_dict(),
+                                                         "norm_topk_prob": True})).to_hf(tmp_path / "x")
