@@ -284,7 +284,8 @@ def expert_load(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def max_violation(load: torch.Tensor) -> float:
-    """MaxVio = max_i load_i / mean load - 1 (V3, section 2.1.2 and its ablation): 0 for a perfect balance."""
+    """MaxVio = max_i load_i / mean load - 1 (Wang et al., arXiv 2408.15664, the loss-free balancing paper that V3
+    adopts): 0 for a perfect balance."""
     load = load.float()
     return float(load.max() / load.mean().clamp(min=1e-12) - 1)
 
