@@ -623,9 +623,10 @@ def fit_isoflop(budget, M, loss, n_boot: int = 2000, confidence: float = 0.95, s
 
     budget, M, loss: one entry per run (repeated sizes, e.g. several seeds, are fine). Intervals: a residual bootstrap.
     Each resample adds to every fitted parabola residuals drawn with replacement (seeded NumPy generator) from all the
-    curves' residuals (scaled by sqrt(n / (n - 3)) for the three fitted coefficients), refits the parabolas, locates
-    their vertices and refits the power law. Resampling the residuals rather than the points keeps every curve's sizes:
-    with five or six points a curve, resampled points often leave three, through which a parabola passes exactly.
+    curves' residuals (scaled by sqrt(n / (n - 3G)): n points, three coefficients for each of the G parabolas), refits
+    the parabolas, locates their vertices and refits the power law. Resampling the residuals rather than the points
+    keeps every curve's sizes: with five or six points a curve, resampled points often leave three, through which a
+    parabola passes exactly.
     Resamples in which a curve has no minimum are drawn again; `usable` is the share kept. Needs at least 3 budgets,
     each with at least 3 distinct sizes."""
     budget, M = _check_points(budget, M, names=("budget", "M"))
