@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 import dslib
-from dslib.book import Ledger
+from dslib.book import Ledger, run_solutions
 from dslib.explore import explore
 
 device = dslib.setup(seed=0)
@@ -3255,3 +3255,11 @@ assert all(np.isfinite(list(final.values()))) and abs(rel) < 0.2, final
 assert resume_exact and nan_guard_fired
 assert llama_round_trip and (not hf_checked or (hf_same_ids and hf_logit_diff < 1e-4 and hf_same_text))
 print(f"chapter 00 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
+
+# %% [markdown]
+# The worked solutions that take seconds run here as well, so that the test suite checks them with the chapter:
+# exercises 1 and 2. The others train models, and are left to the reader.
+
+# %%
+solution_seconds = run_solutions("00", globals(), (1, 2))
+print("worked solutions run:", ", ".join(f"exercise {n} ({t:.1f} s)" for n, t in solution_seconds.items()))

@@ -81,7 +81,7 @@ import numpy as np
 import torch
 
 import dslib
-from dslib.book import Ledger
+from dslib.book import Ledger, run_solutions
 from dslib.explore import explore
 from dslib.mla import MLATransformer, MLATransformerConfig
 from dslib.pretrained import base_model, base_model_info, base_world
@@ -2065,3 +2065,11 @@ assert equal_grad_norm < 1e-6 and rest_error < 1e-4
 assert bias_ratio > 5 and abs(token_weight["dr_grpo"][7] / token_weight["dr_grpo"][55] - 1) < 1e-6
 assert memory_ratio < 0.6
 print(f"chapter 05 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
+
+# %% [markdown]
+# The worked solutions that take seconds run here as well, so that the test suite checks them with the chapter:
+# exercises 6 and 7. The others run GRPO, and are left to the reader.
+
+# %%
+solution_seconds = run_solutions("05", globals(), (6, 7))
+print("worked solutions run:", ", ".join(f"exercise {n} ({t:.1f} s)" for n, t in solution_seconds.items()))

@@ -75,7 +75,7 @@ import torch
 from IPython.display import HTML, display
 
 import dslib
-from dslib.book import Ledger, build_dir
+from dslib.book import Ledger, build_dir, run_solutions
 from dslib.explore import explore
 from dslib.grpo import GRPOConfig, GRPOTrainer
 from dslib.pretrained import STEPS_MIX, STEPS_RECIPE, base_model, base_world
@@ -1117,9 +1117,12 @@ for k, v in closing.items():
 #    <details><summary>Hint</summary>A problem has no reflecting sample with probability $(1-r)^k$.</details>
 #    <details><summary>Solution</summary>
 #
-#    `1 - (1 - base_m["reflection_response"]) ** K`: for $r = 0.3$ and $k = 64$ it is $1 - 0.7^{64}$, within
-#    $10^{-9}$ of 1. Compare it with `base_m["reflection_problem"]`. The two numbers measure different things; a
-#    per-problem rate near 100% says almost nothing about how often the model reflects. A measured rate below the
+#    ```python
+#    independent = 1 - (1 - base_m["reflection_response"]) ** K
+#    print(f"if independent: {independent:.4f}; measured per problem: {base_m['reflection_problem']:.4f}")
+#    ```
+#    For $r = 0.3$ and $k = 64$ it is $1 - 0.7^{64}$, within $10^{-9}$ of 1. The two numbers measure different
+#    things; a per-problem rate near 100% says almost nothing about how often the model reflects. A measured rate below the
 #    formula's means problems differ (the model reflects more on some than on others): its samples are independent
 #    within a problem, not identically distributed across problems.
 #    </details>
@@ -1207,3 +1210,11 @@ assert mix_acc["steps mix"][1] > mix_acc["steps mix"][0] + 0.15  # and accuracy 
 assert base_m["by_style"]["reflects"]["accuracy"] > base_m["by_style"]["bare"]["accuracy"] + 0.3  # the reliable route
 assert same_heldout and max(hist["truncated"]) < 0.05
 print(f"chapter 06 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
+
+# %% [markdown]
+# The worked solution that takes seconds runs here as well, so that the test suite checks it with the chapter:
+# exercise 1. The others run GRPO or are proofs, and are left to the reader.
+
+# %%
+solution_seconds = run_solutions("06", globals(), (1,))
+print("worked solutions run:", ", ".join(f"exercise {n} ({t:.1f} s)" for n, t in solution_seconds.items()))

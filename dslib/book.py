@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -623,11 +624,87 @@ CODE_CELL_MAX = 80  # no code cell a reader must scroll past runs over 80 non-bl
 _DIAGRAM_RE = re.compile(r"^\s*def draw_\w*\(|!\[[^\]]*\]\((?![a-z]+:)[^)]*\.(?:svg|png)\)")
 
 
+_EXERCISE_RE = re.compile(r"^(\d+)\.\s+(★*)\s*\*\*(.+?)\*\*")
+_FENCE_RE = re.compile(r"^[ \t]*```python[ \t]*\n(.*?)^[ \t]*```", re.M | re.S)
+_RUN_SOLUTIONS_RE = re.compile(r"run_solutions\(\s*[\"'](\d+)[\"']\s*,\s*globals\(\)\s*,\s*\(([\d,\s]*)\)")
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise of a chapter's "## Exercises" section: its number, title, difficulty (the count of ★), whether it
+    has a hint and a worked solution (`<details><summary>Hint</summary>`, `...Solution...`), and the Python blocks
+    of its solution, dedented."""
+
+    number: int
+    title: str
+    stars: int
+    has_hint: bool
+    has_solution: bool
+    code: tuple[str, ...]
+
+
+def exercises(text: str) -> list[Exercise]:
+    """The exercises of a chapter's percent-format source (the markdown of its "## Exercises" section)."""
+    body: list[str] = []
+    inside = False
+    for cell in parse_cells(text):
+        if cell.kind != "markdown":
+            continue
+        for raw in cell.lines:
+            line = raw[2:] if raw.startswith("# ") else raw[1:] if raw.startswith("#") else raw
+            if line.startswith("## "):
+                inside = line.strip().startswith("## Exercises")
+            elif inside:
+                body.append(line)
+    items: list[tuple[re.Match, list[str]]] = []
+    for line in body:
+        match = _EXERCISE_RE.match(line)
+        if match:
+            items.append((match, []))
+        elif items:
+            items[-1][1].append(line)
+    found = []
+    for match, lines in items:
+        text_of = "\n".join(lines) + "\n"
+        at = text_of.find("<summary>Solution</summary>")
+        solution = text_of[at:] if at >= 0 else ""
+        solution = solution[:solution.find("</details>")] if "</details>" in solution else solution
+        code = tuple(textwrap.dedent(block) for block in _FENCE_RE.findall(solution))
+        found.append(Exercise(int(match.group(1)), match.group(3), len(match.group(2)),
+                              "<summary>Hint</summary>" in text_of, at >= 0, code))
+    return found
+
+
+def run_solutions(chapter: str, namespace: dict[str, Any], numbers: Sequence[int],
+                  root: Path | str | None = None) -> dict[int, float]:
+    """Run the code of the worked solutions of `chapter`'s exercises `numbers` in `namespace` (a chapter passes its
+    globals(), after its checks), in order, and return each one's seconds. A chapter calls this for the solutions
+    that take seconds, so that nbval runs them with the chapter; a failing solution raises, naming its exercise."""
+    book = load_book(root)
+    source = book.root / book.chapter(chapter).source
+    by_number = {e.number: e for e in exercises(source.read_text(encoding="utf-8"))}
+    seconds: dict[int, float] = {}
+    for n in numbers:
+        if n not in by_number or not by_number[n].code:
+            raise BookError(f"chapter {chapter}: exercise {n} has no solution with Python code")
+        start = time.perf_counter()
+        for block in by_number[n].code:
+            try:
+                exec(compile(block, f"<chapter {chapter}, exercise {n}>", "exec"), namespace)
+            except Exception as err:
+                raise RuntimeError(f"chapter {chapter}: the solution of exercise {n} failed: "
+                                   f"{type(err).__name__}: {err}") from err
+        seconds[n] = time.perf_counter() - start
+    return seconds
+
+
 @dataclass(frozen=True)
 class Reading:
     """A chapter held to the reader's standard (README, "Writing a chapter"): prose and code non-blank lines (the
-    jupytext header excluded), the longest code cell and the line of its `# %%` marker, and the diagrams (functions
-    named `draw_*` that a chapter defines, and images it embeds from assets/)."""
+    jupytext header excluded), the longest code cell and the line of its `# %%` marker, the diagrams (functions
+    named `draw_*` that a chapter defines, and images it embeds from assets/), and its exercises: how many, those
+    without a difficulty, a hint or a solution, how many solutions have code and which of those the chapter runs
+    (`run_solutions`)."""
 
     chapter: str
     prose_lines: int
@@ -635,6 +712,10 @@ class Reading:
     longest_cell: int
     longest_at: int
     diagrams: int
+    exercises: int = 0
+    incomplete: tuple[int, ...] = ()
+    code_solutions: int = 0
+    solutions_run: tuple[int, ...] = ()
 
     @property
     def prose_share(self) -> float:
@@ -650,6 +731,8 @@ class Reading:
                        f"{CODE_CELL_MAX})")
         if self.diagrams < 1:
             out.append("no diagram (a draw_* function or an embedded image)")
+        if self.incomplete:
+            out.append(f"exercises {', '.join(map(str, self.incomplete))} lack a difficulty, a hint or a solution")
         return out
 
 
@@ -668,7 +751,12 @@ def reading(text: str, chapter: str = "") -> Reading:
             code += len(lines)
             if len(lines) > longest:
                 longest, at = len(lines), cell.line
-    return Reading(chapter, prose, code, longest, at, diagrams)
+    found = exercises(text)
+    incomplete = tuple(e.number for e in found if not (e.stars and e.has_hint and e.has_solution))
+    run = tuple(sorted({int(n) for m in _RUN_SOLUTIONS_RE.finditer(text) if m.group(1) == chapter or not chapter
+                        for n in m.group(2).replace(",", " ").split()}))
+    return Reading(chapter, prose, code, longest, at, diagrams, len(found), incomplete,
+                   sum(bool(e.code) for e in found), run)
 
 
 def chapter_readings(root: Path | str | None = None) -> list[Reading]:
@@ -996,9 +1084,11 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 def _cmd_reading(args: argparse.Namespace) -> int:
     readings = chapter_readings(args.root)
     print(format_table(
-        ("chapter", "prose %", "prose lines", "code lines", "longest code cell", "diagrams", "below the standard"),
-        [(r.chapter, round(100 * r.prose_share), r.prose_lines, r.code_lines, r.longest_cell, r.diagrams,
-          "; ".join(r.problems())) for r in readings],
+        ("chapter", "prose %", "prose lines", "code lines", "longest code cell", "diagrams", "exercises",
+         "code solutions", "run by the chapter", "below the standard"),
+        [(r.chapter, round(100 * r.prose_share), r.prose_lines, r.code_lines, r.longest_cell, r.diagrams, r.exercises,
+          r.code_solutions, ", ".join(map(str, r.solutions_run)) or "-", "; ".join(r.problems()))
+         for r in readings],
     ))
     return 0
 

@@ -495,7 +495,8 @@ def test_reading_counts_prose_code_cells_and_diagrams():
 
 
 def test_every_chapter_meets_the_readers_standard():
-    """Every chapter is written to the reader's standard (prose >= 30%, no code cell over 80 lines, a diagram);
+    """Every chapter is written to the reader's standard (prose >= 30%, no code cell over 80 lines, a diagram, each
+    exercise with a difficulty, a hint and a solution, and some solutions run by the chapter itself);
     `python -m dslib.book reading` prints each chapter's figures."""
     from dslib.book import chapter_readings
 
@@ -503,3 +504,64 @@ def test_every_chapter_meets_the_readers_standard():
     assert [r.chapter for r in readings][:2] == ["00", "01"]
     for r in readings:
         assert r.problems() == [], (r.chapter, r.problems())
+        assert r.solutions_run, f"chapter {r.chapter} runs none of its worked solutions (run_solutions)"
+
+
+EXERCISES = '''# %% [markdown]
+# ## Exercises
+#
+# 1. ★ **Add.** Add two numbers.
+#
+#    <details><summary>Hint</summary>Use +.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    total = a + 2
+#    ```
+#    </details>
+#
+# 2. ★★ **Prove.** A proof, no code, and no hint.
+#
+#    <details><summary>Solution</summary>By induction.</details>
+#
+# 3. **Fail.** No difficulty.
+#
+#    <details><summary>Hint</summary>None.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    raise ValueError("broken on purpose")
+#    ```
+#    </details>
+#
+# ## Checks
+
+# %%
+from dslib.book import run_solutions
+run_solutions("07", globals(), (1,))
+'''
+
+
+def test_exercises_are_parsed_and_judged():
+    from dslib.book import exercises, reading
+
+    found = exercises(EXERCISES)
+    assert [(e.number, e.stars, e.has_hint, e.has_solution) for e in found] == [(1, 1, True, True), (2, 2, False, True),
+                                                                                (3, 0, True, True)]
+    assert found[0].code == ("total = a + 2\n",) and found[1].code == ()
+    r = reading(EXERCISES, "07")
+    assert (r.exercises, r.code_solutions, r.incomplete, r.solutions_run) == (3, 2, (2, 3), (1,))
+    assert "exercises 2, 3 lack a difficulty, a hint or a solution" in r.problems()
+
+
+def test_run_solutions_runs_the_code_and_names_a_failing_exercise(root: Path) -> None:
+    from dslib.book import BookError, run_solutions
+
+    (root / "chapters" / "07_demo.py").write_text(EXERCISES)
+    namespace = {"a": 40}
+    seconds = run_solutions("07", namespace, (1,))
+    assert namespace["total"] == 42 and set(seconds) == {1}
+    with pytest.raises(RuntimeError, match="exercise 3 failed: ValueError: broken on purpose"):
+        run_solutions("07", namespace, (3,))
+    with pytest.raises(BookError, match="exercise 2 has no solution with Python code"):
+        run_solutions("07", namespace, (2,))
