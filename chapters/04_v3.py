@@ -149,7 +149,7 @@ from dslib.mla import MLA, MLAConfig, MLACache, check_rope_scaling, scaled_rope_
 from dslib.moe import MoE, MoEConfig, MoETransformerConfig
 from dslib.mtp import MTPModule, mtp_hidden
 from dslib.transformer import (RMSNorm, SwiGLU, Transformer, TransformerConfig, document_causal_mask,
-                               forward_inputs, hf_generation_config, write_hf_folder)
+                               forward_inputs, hf_generation_config, read_safetensors, write_hf_folder)
 
 
 def _positive_int(value) -> bool:
@@ -967,9 +967,9 @@ class V3Block(nn.Module):
 # (0.02), and `tie_word_embeddings` (off in V3) would make the head and the embedding one matrix.
 
 # %% [markdown]
-# Two small readers of a checkpoint folder come first, so that the model class below stays about the model: one for
-# `config.json`, one for the `*.safetensors` files (plain tensors: no pickled Python objects, so no code runs on
-# loading).
+# A small reader of a checkpoint folder's `config.json` comes first, so that the model class below stays about the
+# model; the `*.safetensors` files are read by chapter 00's `read_safetensors` (plain tensors: no pickled Python
+# objects, so no code runs on loading).
 
 # %%
 #| export
@@ -984,21 +984,6 @@ def read_hf_config(directory: str | Path) -> dict:
     if raw.get("model_type") == "deepseek_v3" and raw.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(f"{cfg_path}: topk_method {raw['topk_method']!r}: transformers' DeepseekV3 routes noaux_tc")
     return raw
-
-
-def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in a folder, by name."""
-    from safetensors import safe_open
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {directory}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                tensors[k] = st.get_tensor(k)
-    return tensors
 
 # %% [markdown]
 # The model's caches and the MTP half of its methods, as a mixin that `DeepSeekV3` inherits: empty latent caches for

@@ -476,13 +476,29 @@ def write_llama(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
                            hf_generation_config(c.max_seq_len, tokenizer), tokenizer, model_max_length=c.max_seq_len)
 
 
+def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in a folder (one file, or the shards of a large model), by name, read
+    without unpickling anything. A name stored twice, or a folder without tensors, is an error."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name in tensors:
+                    raise ValueError(f"{directory}: tensor {name!r} is stored twice (again in {f.name})")
+                tensors[name] = st.get_tensor(name)
+    if not tensors:
+        raise FileNotFoundError(f"no *.safetensors file with tensors in {directory}")
+    return tensors
+
+
 def read_llama(directory: str | Path, cls: type | None = None) -> "Transformer":
     """Transformer.from_hf: read a transformers Llama folder (config.json and every *.safetensors file in it) with
     json and safetensors only (no transformers, nothing unpickled), into a float32 Transformer. Raises ValueError
     naming the field that Transformer cannot represent (config_from_llama) or the tensor that does not fit the config
     (missing, unexpected, wrong shape). With tie_word_embeddings, the output head is a copy of the embedding."""
-    from safetensors import safe_open
-
     cls = Transformer if cls is None else cls
     if cls.__init__ is not Transformer.__init__:
         raise TypeError(f"{cls.__name__}.from_hf: a Llama folder holds a dense Transformer, not a {cls.__name__}")
@@ -495,15 +511,7 @@ def read_llama(directory: str | Path, cls: type | None = None) -> "Transformer":
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     config, tied = config_from_llama(raw, str(path))
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):  # one file, or the shards of a large model
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if name in tensors:
-                    raise ValueError(f"{directory}: tensor {name!r} is stored twice (again in {f.name})")
-                tensors[name] = st.get_tensor(name)
-    if not tensors:
-        raise FileNotFoundError(f"no *.safetensors file with tensors in {directory}")
+    tensors = read_safetensors(directory)
     names = llama_names(config.n_layer)
     if tied and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # one matrix in Llama, two copies in dslib

@@ -23,7 +23,7 @@ from dslib.mla import MLA, MLAConfig, MLACache, check_rope_scaling, scaled_rope_
 from dslib.moe import MoE, MoEConfig, MoETransformerConfig
 from dslib.mtp import MTPModule, mtp_hidden
 from dslib.transformer import (RMSNorm, SwiGLU, Transformer, TransformerConfig, document_causal_mask,
-                               forward_inputs, hf_generation_config, write_hf_folder)
+                               forward_inputs, hf_generation_config, read_safetensors, write_hf_folder)
 
 
 def _positive_int(value) -> bool:
@@ -318,21 +318,6 @@ def read_hf_config(directory: str | Path) -> dict:
     if raw.get("model_type") == "deepseek_v3" and raw.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(f"{cfg_path}: topk_method {raw['topk_method']!r}: transformers' DeepseekV3 routes noaux_tc")
     return raw
-
-
-def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in a folder, by name."""
-    from safetensors import safe_open
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {directory}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                tensors[k] = st.get_tensor(k)
-    return tensors
 
 
 class CachesAndMTP:
