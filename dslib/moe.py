@@ -8,6 +8,7 @@ auxiliary-loss-free bias, load metrics, sorted dispatch, and a small MoE languag
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 
@@ -361,6 +362,15 @@ class MoE(nn.Module):
         self.shared_disabled = False
         self.routing: Routing | None = None
         self.aux_loss = torch.zeros(())
+
+    def __deepcopy__(self, memo: dict) -> "MoE":
+        """A copy whose aux_loss is a fresh zero: the last forward's aux_loss lies on that forward's autograd graph,
+        which deepcopy refuses, so without this a model that has just trained could not be copied."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "aux_loss"})
+        new.__dict__["aux_loss"] = torch.zeros(())
+        return new
 
     def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, n_sequences: int) -> torch.Tensor:
         """alpha_1 L_ExpBal + alpha_2 L_DevBal + alpha L_Bal (sequence-wise) for one forward's routing."""

@@ -349,3 +349,21 @@ def test_greedy_ignores_groups():
         r = router(x)
     assert torch.equal(r.indices.sort(1).values, r.scores.topk(4, dim=1).indices.sort(1).values)
     assert max(len(set(g)) for g in (r.indices // 4).tolist()) > 1  # one kept group would allow only one
+
+
+def test_a_layer_that_has_just_trained_can_be_deep_copied():
+    """The last forward's aux_loss lies on its autograd graph; deepcopy refuses such tensors, so MoE leaves it out."""
+    import copy
+
+    cfg = MoEConfig(d_model=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                    topk_group=1, aux_loss_alpha=0.01)
+    layer = MoE(cfg)
+    y = layer(torch.randn(2, 3, 8))
+    (y.square().mean() + layer.aux_loss).backward()
+    assert layer.aux_loss.grad_fn is not None
+    twin = copy.deepcopy(layer)
+    assert twin.aux_loss.grad_fn is None and float(twin.aux_loss) == 0.0
+    assert torch.equal(twin.routing.indices, layer.routing.indices)
+    x = torch.randn(5, 8)
+    assert torch.equal(twin(x), layer(x))
+    assert twin.gate.weight.data_ptr() != layer.gate.weight.data_ptr()  # a copy, not a view

@@ -1,0 +1,226 @@
+"""The capstone command (dslib.capstone): its folder, its errors, resume after a crash or Ctrl-C, the transformers
+exports, and a smoke test of the `full` preset on the CPU. The `tiny` preset runs every stage in seconds (nothing is
+learnt); the `small` preset's figures are measured by running the command, not here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dslib import capstone
+from dslib.capstone import PRESETS, STAGES, CapstoneError, model_names
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_KEYS = ("greedy_accuracy", "pass@1", "cons@k", "mean_length", "reflection_rate", "language_mixing",
+             "hf_greedy_accuracy")
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "dslib", "capstone", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _finals(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.parent.relative_to(out)): _weights(p) for p in sorted(out.glob("stages/**/final"))}
+
+
+def _comparable(metrics: dict) -> dict:
+    """metrics.json without what depends on the clock."""
+    drop = {"seconds_this_session", "tokens_per_second", "model_tflops", "mfu", "peak_memory_gib", "seconds"}
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if k not in drop}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return clean({k: v for k, v in metrics.items() if k not in ("run", "seconds")})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run, in a subprocess, as a reader would start it."""
+    out = tmp_path_factory.mktemp("capstone") / "run"
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "report card:" in r.stdout
+    for stage in STAGES:
+        assert f"[{stage}] done in" in r.stdout, (stage, r.stdout)
+    return out
+
+
+def test_the_folder_holds_everything_the_report_promises(tiny_run: Path):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    names = model_names(PRESETS["tiny"])
+    assert names == ["base", "r1_zero", "r1", "student-S-base", "student-S-distill", "student-S-rl"]
+    assert sorted(metrics["eval"]) == sorted(names)
+    for name in names:
+        for key in EVAL_KEYS:
+            assert 0 <= metrics["eval"][name][key] <= (1 if key != "mean_length" else 1000), (name, key)
+        assert (tiny_run / "hf" / name / "config.json").exists()
+    lines = [json.loads(l) for l in (tiny_run / "heldout.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * PRESETS["tiny"].eval_problems == metrics["heldout"]
+    assert all(set(l) >= {"prompt", "answer"} and l["prompt"].endswith("<think>") for l in lines)
+    assert {l["language"] for l in lines} == {"sym", "en"}
+    pre = metrics["stages"]["pretrain"]
+    assert pre["steps"] == PRESETS["tiny"].pretrain_steps == len(pre["loss"])
+    assert pre["parameters_mtp"] > pre["parameters"]  # the MTP module was built and counted
+    for png in ("pretraining.png", "r1_zero.png", "models.png"):
+        assert (tiny_run / png).stat().st_size > 5000, png
+    md = (tiny_run / "report.md").read_text()
+    assert "| student-S-distill |" in md and "![models.png](models.png)" in md
+    page = (tiny_run / "report.html").read_text()
+    assert page.count("<table>") == md.count("\n|---") and '<img alt="models.png" src="models.png">' in page
+
+
+def test_exported_folders_decode_in_transformers_as_dslib_does(tiny_run: Path):
+    transformers = pytest.importorskip("transformers")
+    from dslib.capstone import _world, heldout_problems, load_model
+    from dslib.train import complete
+    from dslib.world import prompt
+
+    world = _world(PRESETS["tiny"])
+    problems = heldout_problems(PRESETS["tiny"], world)[:4]
+    for name, stage in (("r1", "stages/r1/final"), ("student-S-distill", "stages/students/S/distill/final")):
+        ours = complete(load_model(tiny_run / stage), world.tokenizer, [prompt(q) for q in problems],
+                        max_new_tokens=24)
+        folder = tiny_run / "hf" / name
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        for q, mine in zip(problems, ours):
+            ids = tok(prompt(q), return_tensors="pt").input_ids
+            out = hf.generate(ids, max_new_tokens=24, max_length=None, do_sample=False,
+                              eos_token_id=tok.convert_tokens_to_ids("</answer>"), pad_token_id=tok.pad_token_id)
+            assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == mine.replace("<eos>", ""), name
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_run_stopped_mid_stage_resumes_to_the_same_result(tiny_run: Path, tmp_path: Path, how: str):
+    """Stop a run once the pretraining's first checkpoint exists (a crash: SIGKILL; Ctrl-C: SIGINT), then resume:
+    every stage's final weights and every metric equal the uninterrupted run's."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "dslib", "capstone", "--preset", "tiny", "--out", str(out),
+                             "--quiet", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    ckpt = out / "stages" / "pretrain" / "train" / "trainer.safetensors"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    if how == "SIGINT":
+        assert proc.returncode == 130 and "--resume" in err, err[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not (out / "stages" / "pretrain" / "done.json").exists()  # stopped inside the stage
+    again = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1")
+    assert again.returncode == 2 and "--resume" in again.stderr  # refused without --resume
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrain: resumed at step" in r.stdout
+    assert _comparable(json.loads((out / "metrics.json").read_text())) == \
+        _comparable(json.loads((tiny_run / "metrics.json").read_text()))
+    mine, ref = _finals(out), _finals(tiny_run)
+    assert sorted(mine) == sorted(ref) and len(mine) == len(model_names(PRESETS["tiny"]))
+    for stage in ref:
+        assert all(torch.equal(mine[stage][k], ref[stage][k]) for k in ref[stage]), stage
+
+
+def test_resume_loads_finished_stages_and_refuses_a_corrupt_checkpoint(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--resume", "--stages", "pretrain,r1_zero")
+    assert r.returncode == 0 and "[pretrain] done earlier: loaded" in r.stdout, r.stderr[-2000:]
+    # A stage in progress whose checkpoint is torn: a clear error, and the file is left as it was.
+    (out / "stages" / "pretrain" / "done.json").unlink()
+    record = json.loads((out / "run.json").read_text())
+    record["stages_done"].remove("pretrain")
+    (out / "run.json").write_text(json.dumps(record))
+    bad = out / "stages" / "pretrain" / "train" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:100])
+    before = bad.read_bytes()
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--resume", "--stages", "pretrain")
+    assert r.returncode == 2 and "corrupt" in r.stderr and "nothing was overwritten" in r.stderr, r.stderr[-2000:]
+    assert bad.read_bytes() == before
+
+
+def test_bad_options_and_folders_are_refused_before_anything_is_written(tiny_run: Path, tmp_path: Path):
+    with pytest.raises(CapstoneError, match="preset 'huge'"):
+        capstone.run(tmp_path / "a", "huge")
+    with pytest.raises(CapstoneError, match="--stages: polish not among"):
+        capstone.run(tmp_path / "a", "tiny", stages=["polish"])
+    with pytest.raises(CapstoneError, match="--max-steps 0"):
+        capstone.run(tmp_path / "a", "tiny", max_steps=0)
+    with pytest.raises(CapstoneError, match="--seed -1"):
+        capstone.run(tmp_path / "a", "tiny", seed=-1)
+    with pytest.raises(CapstoneError, match="needs pretrain first"):
+        capstone.run(tmp_path / "b", "tiny", stages=["r1_zero"], progress=False)
+    assert not (tmp_path / "a").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CapstoneError, match="cannot be written|not a folder"):
+        capstone.run(blocker / "sub", "tiny")
+    with pytest.raises(CapstoneError, match="is not a folder"):
+        capstone.run(blocker, "tiny")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(CapstoneError, match="not empty and holds no capstone run"):
+        capstone.run(busy, "tiny")
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    with pytest.raises(CapstoneError, match="holds no capstone run to resume"):
+        capstone.run(tmp_path / "new", "tiny", resume=True)
+    stamp = (tiny_run / "run.json").read_text()
+    with pytest.raises(CapstoneError, match="holds a capstone run already; pass --resume"):
+        capstone.run(tiny_run, "tiny")
+    with pytest.raises(CapstoneError, match="holds another run"):
+        capstone.run(tiny_run, "tiny", seed=1, resume=True)
+    assert (tiny_run / "run.json").read_text() == stamp
+    r = _cli("--preset", "enormous")
+    assert r.returncode == 2 and "invalid choice: 'enormous'" in r.stderr
+    r = _cli("--help")
+    assert r.returncode == 0 and all(opt in r.stdout for opt in ("--preset", "--out", "--resume", "--stages",
+                                                                  "--device", "--seed", "--max-steps"))
+
+
+def test_the_full_preset_runs_two_steps_of_every_stage_on_the_cpu(tmp_path: Path):
+    """The GPU preset's shapes and configs, caught on the CPU before a reader's GPU meets them."""
+    metrics = capstone.run(tmp_path / "full", "full", max_steps=2, device="cpu", progress=False,
+                           stages=["pretrain", "r1_zero", "r1", "students"])
+    pre = metrics["stages"]["pretrain"]
+    assert pre["steps"] == 2 and pre["parameters"] > 10_000_000  # the full V3-mini: about 13M parameters
+    assert metrics["stages"]["r1_zero"]["steps"] == 2
+    assert set(metrics["stages"]["students"]["sizes"]) == {"S", "M"}
+    assert (tmp_path / "full" / "stages" / "students" / "M" / "rl" / "final" / "model.safetensors").exists()
+
+
+def test_presets_keep_their_promises():
+    """small: the CPU preset; full: bigger in every dimension; capped: a smoke test's sizes."""
+    s, f = PRESETS["small"], PRESETS["full"]
+    assert s.model["num_nextn_predict_layers"] == 1 and f.model["num_nextn_predict_layers"] == 1
+    assert f.model["hidden_size"] > s.model["hidden_size"] and f.pretrain_steps > s.pretrain_steps
+    assert set(s.students) == set(f.students) == {"S", "M"}
+    c = f.capped(3)
+    assert (c.pretrain_steps, c.student_steps, c.r1_zero["steps"], c.r1["rl"]["steps"], c.distill["steps"]) == \
+        (3, 3, 3, 3, 3) and c.eval_problems <= 8 and c.model == f.model
+    assert f.capped(None) is f
