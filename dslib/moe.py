@@ -364,8 +364,7 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def __deepcopy__(self, memo: dict) -> "MoE":
-        """A copy whose aux_loss is a fresh zero: the last forward's aux_loss lies on that forward's autograd graph,
-        which deepcopy refuses, so without this a model that has just trained could not be copied."""
+        """A copy with a zero aux_loss: the last one lies on its forward's autograd graph, which deepcopy refuses."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "aux_loss"})
