@@ -1036,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = args.preset or dslib.scale()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # handled as Ctrl-C
     try:
         run(args.out, preset, seed=args.seed, stages=stages, resume=args.resume, device=args.device,
                       max_steps=args.max_steps, progress=not args.quiet, threads=args.threads)

@@ -12,11 +12,14 @@ the real name. Loading reads tensors and JSON only: it never unpickles, so a che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 __all__ = ["CheckpointError", "StepCheckpoints", "save_checkpoint", "load_checkpoint", "read_config", "read_trainer_state", "rng_state", "set_rng_state",
-           "atomic_write_text"]
+           "atomic_write_text", "interrupts_deferred"]
 
 MODEL_FILE, CONFIG_FILE, TRAINER_FILE = "model.safetensors", "config.json", "trainer.safetensors"
 
@@ -203,6 +206,25 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module,
     return {"step": step, **meta["trainer"]}
 
 
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise KeyboardInterrupt: a trainer wraps the part of a step
+    that changes its state (the optimizer step, the step counter, the log), so a checkpoint saved on Ctrl-C never holds
+    weights of one step with the counter of another. Outside the main thread (where signals cannot be handled) the
+    block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class StepCheckpoints:
     """Numbered checkpoints for a trainer: `checkpoint_dir/step-NNNNNN/`, each a full `save_checkpoint` folder written
     under a temporary name and renamed, so a crash never leaves a torn one; older steps are kept (an explorer can read
@@ -230,7 +252,8 @@ class StepCheckpoints:
             if self.step == 0 or (on_checkpoint is not None and not any(e["step"] == self.step for e in self.evals)):
                 self.checkpoint_and_evaluate(on_checkpoint)
             while self.step < until:
-                rec = self.train_step()
+                with interrupts_deferred():  # Ctrl-C ends the step first, so the saved state is one step's
+                    rec = self.train_step()
                 bar.update(1)
                 bar.set_postfix(**postfix(rec))
                 if self.step % self.checkpoint_every == 0 or self.step == until:

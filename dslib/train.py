@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dslib.checkpoint import CheckpointError, load_checkpoint, read_trainer_state, save_checkpoint
+from dslib.checkpoint import (CheckpointError, interrupts_deferred, load_checkpoint, read_trainer_state,
+                              save_checkpoint)
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, schedule: str = "multistep",
@@ -199,13 +200,13 @@ class Trainer(TrainerCheckpoints):
                 loss.backward()
                 if c.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                self.optimizer.step()
-                if self.after_step is not None:
-                    self.after_step(self, batch)
-                self.step += 1
-                self.history["step"].append(self.step)
-                self.history["loss"].append(loss.item())
-                self.history["lr"].append(lr)
+                with interrupts_deferred():  # Ctrl-C waits for the update: a saved state is always one step's
+                    self.optimizer.step()
+                    if self.after_step is not None:
+                        self.after_step(self, batch)
+                    self.step += 1
+                    for key, value in (("step", self.step), ("loss", loss.item()), ("lr", lr)):
+                        self.history[key].append(value)
                 bar.update(1)
                 if self.step % 10 == 0 or self.step == until:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")

@@ -426,3 +426,22 @@ def test_evaluate_accuracy_keeps_completions_in_problem_order(world):
     assert [int(c.split()[-2]) for c in completions] == [p.answer for p in problems]
     assert evaluate_accuracy(Oracle(world.tokenizer, wrong=True), world, problems)[0] == 0.0
     assert complete(Oracle(world.tokenizer), world.tokenizer, []) == []
+
+
+def test_ctrl_c_waits_for_the_end_of_the_update():
+    """interrupts_deferred holds SIGINT until its block ends, so a state saved on Ctrl-C is never half a step."""
+    import os
+    import signal
+
+    from dslib.checkpoint import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the block ran")
+    assert done == ["the rest of the block ran"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    with interrupts_deferred():
+        done.append("no signal, no interrupt")
+    assert len(done) == 2
