@@ -253,9 +253,8 @@ def _done(folder: Path) -> dict | None:
         raise CapstoneError(f"{path}: corrupt ({e}); this stage's record cannot be read") from None
 
 
-def _say(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -824,7 +823,7 @@ class _Run:
 
     def resume_stage(self, resumed: bool, what: str, step: int) -> bool:
         if resumed:
-            _say(f"{what}: resumed at step {step}", False)
+            _say(f"{what}: resumed at step {step}")
         return resumed
 
     def autocast(self):
@@ -960,9 +959,9 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
         if stage not in stages:
             continue
         if stage in record["stages_done"] and stage != "report":
-            _say(f"[{stage}] done earlier: loaded", False)
+            _say(f"[{stage}] done earlier: loaded")
             continue
-        _say(f"[{stage}] starting", False)
+        _say(f"[{stage}] starting")
         t0 = time.time()
         result = _STAGE_FNS[stage](ctx)
         seconds = time.time() - t0
@@ -970,7 +969,7 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
         if stage not in record["stages_done"]:
             record["stages_done"].append(stage)
         _save_record(out, record)
-        _say(f"[{stage}] done in {seconds:.0f} s: {_one_line(stage, result)}", False)
+        _say(f"[{stage}] done in {seconds:.0f} s: {_one_line(stage, result)}")
         from dslib.checkpoint import atomic_write_text
 
         atomic_write_text(out / "metrics.json", json.dumps(ctx.metrics(), indent=1, default=_json_default) + "\n")
