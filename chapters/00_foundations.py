@@ -2179,14 +2179,17 @@ class Trainer(TrainerCheckpoints):
     a run resumed from a checkpoint sees the same batches, and produces the same losses, as an uninterrupted one.
 
     after_step(trainer, batch), when given, runs after each optimizer step (chapter 02 moves the MoE routing bias there).
+    after_backward(model), when given, runs between backward and clipping (data-parallel training averages the
+    gradients of its processes there: dslib.distributed).
     """
 
     def __init__(self, model: torch.nn.Module, data, config: TrainConfig, eval_batches: Sequence[dict] = (),
                  checkpoint_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                 loss_fn: Callable = batch_loss, after_step: Callable | None = None):
+                 loss_fn: Callable = batch_loss, after_step: Callable | None = None,
+                 after_backward: Callable | None = None):
         self.model, self.data, self.config = model.to(device), data, config
         self.eval_batches, self.device, self.loss_fn = list(eval_batches), torch.device(device), loss_fn
-        self.after_step = after_step
+        self.after_step, self.after_backward = after_step, after_backward
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                            betas=config.betas)
@@ -2227,6 +2230,8 @@ class Trainer(TrainerCheckpoints):
                         f"Lower the learning rate or check the data; the last checkpoint, if any, is intact.")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.after_backward is not None:
+                    self.after_backward(self.model)
                 if c.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 with interrupts_deferred():  # Ctrl-C waits for the update: a saved state is always one step's

@@ -1172,9 +1172,10 @@ class GRPOTrainer(StepCheckpoints):
 
     def __init__(self, model: torch.nn.Module, world, config: GRPOConfig | None = None, rewards: Rewards | None = None,
                  ref_model: torch.nn.Module | None = None, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int = 10):
+                 checkpoint_every: int = 10, after_backward: Callable | None = None):
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={checkpoint_every!r} is invalid: a positive int is required")
+        self.after_backward = after_backward  # (model): between backward and clipping, as Trainer's
         self.model, self.world = model.requires_grad_(True), world  # the policy trains, whatever it was copied from
         self.config = config or GRPOConfig()
         self.rewards = rewards or Rewards()
@@ -1224,6 +1225,8 @@ class GRPOTrainer(StepCheckpoints):
                                     max_completion_length=c.max_new_tokens, return_stats=True)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.after_backward is not None:
+                self.after_backward(self.model)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        c.grad_clip if c.grad_clip > 0 else float("inf"))
             self.optimizer.step()

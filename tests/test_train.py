@@ -173,6 +173,26 @@ def test_training_lowers_the_loss(uninterrupted):
     assert history["lr"] == [lr_at(s, 20, CFG.lr, 3) for s in range(20)]
 
 
+def test_after_backward_sees_the_gradients_before_clipping(world, data):
+    """The hook runs once per step between backward and clipping: what it does to the gradients is what the step
+    uses (zeroed gradients leave AdamW only its weight decay, which spares the norm weights)."""
+    calls = []
+
+    def hook(model):
+        calls.append(sum(float(p.grad.norm()) for p in model.parameters() if p.grad is not None))
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+
+    model = build(world)
+    before = weights(model)
+    Trainer(model, data, TrainConfig(steps=3, lr=3e-3, warmup_steps=0, eval_every=0), after_backward=hook).fit(
+        progress=False)
+    assert len(calls) == 3 and all(c > 0 for c in calls)
+    after = weights(model)
+    norms = [k for k in before if k.endswith("norm.weight")]
+    assert norms and all(torch.equal(before[k], after[k]) for k in norms)
+
+
 def test_checkpoint_round_trip(world, data, tmp_path):
     model = build(world)
     Trainer(model, data, TrainConfig(steps=4, warmup_steps=1), checkpoint_dir=tmp_path).fit(progress=False)
