@@ -310,6 +310,16 @@ def keep_sample(completion: str, problem: Problem) -> bool:
             and language_consistency_reward(completion, problem) == 1.0)
 
 
+def non_reasoning_texts(world, n: int, rng: random.Random) -> list[str]:
+    """R1's non-reasoning data in this world: n bare answers (an empty thought) to one-operation problems, each in a
+    language drawn by rng."""
+    out = []
+    while len(out) < n:
+        p = world.sample_problem(rng, n_operands=2).in_language(rng.choice(LANGUAGES))
+        out.append(prompt(p) + f"</think> <answer> {p.fmt(p.answer)} </answer>")
+    return out
+
+
 def rejection_sample(model: torch.nn.Module, world, config: R1Config) -> tuple[list[str], dict]:
     """Stage 3's data: sample `model` on fresh problems (either language), keep the first completion of each problem
     that passes keep_sample, and add bare answers to one-operation problems (the non-reasoning data). Returns the SFT
@@ -323,10 +333,7 @@ def rejection_sample(model: torch.nn.Module, world, config: R1Config) -> tuple[l
         good = [t for t in row if keep_sample(t, p)]
         if good:
             kept.append(prompt(p) + good[0])
-    easy = []
-    while len(easy) < config.non_reasoning:
-        p = world.sample_problem(rng, n_operands=2).in_language(rng.choice(LANGUAGES))
-        easy.append(prompt(p) + f"</think> <answer> {p.fmt(p.answer)} </answer>")
+    easy = non_reasoning_texts(world, config.non_reasoning, rng)
     info = {"sampled": len(problems) * config.rejection_k, "problems": len(problems), "kept": len(kept),
             "non_reasoning": len(easy)}
     return kept + easy, info
