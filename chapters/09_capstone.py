@@ -431,6 +431,14 @@ print(f"all {len(attempts)} refused: {len(refusals) == len(attempts)}; nothing w
 # T4 runs it within the hour. Colab's sessions end without warning, so for a run you want to keep, use
 # `--out /content/drive/MyDrive/capstone-run` after mounting Drive, and rerun with `--resume` in a new session.
 #
+# **More than one GPU (or CPU process).** `torchrun --nproc_per_node 4 -m dslib capstone --preset full --out runs/f`
+# trains data-parallel: each process holds the whole model and takes a quarter of every batch (and of every GRPO
+# step's prompts), and their gradients are averaged before each update (`dslib.distributed`). The global batch is
+# the preset's, so the loss curve is one process's; the test suite checks that with 2 CPU processes, to float
+# rounding. Pretraining, R1-Zero and the students' pretraining and RL run on every process; R1's stages, the
+# distillation SFT, the evaluation and the report run on the first, and it alone writes to `--out`. The batch and
+# the GRPO prompts per step must divide by the number of processes (the command says which does not).
+#
 # **The smoke test.** `--max-steps 2` cuts every training stage to two steps and every sampled set to at most 16
 # problems. It takes seconds, learns nothing, and runs every shape, config and device transfer of the preset. So
 # `python -m dslib capstone --preset full --max-steps 2 --out /tmp/smoke` finds a problem with the GPU, the driver or

@@ -23,6 +23,9 @@ Everything goes into one folder (`--out`):
     hf/<name>/          a transformers folder per evaluated model (AutoModelForCausalLM + AutoTokenizer)
     *.png, report.md, report.html
 
+Under `torchrun --nproc_per_node N`, the training stages run data-parallel (dslib.distributed): every process takes
+1/N of each batch and of each GRPO step's prompts, the gradients are averaged, and the first process alone writes.
+
 A run is deterministic: on the same machine, the same preset and seed give the same metrics, whether or not the run
 was interrupted and resumed (every trainer resumes its optimizer, RNG, step and logs, and every batch and rollout is a
 pure function of the step).
@@ -52,7 +55,8 @@ import torch
 
 from dslib.checkpoint import CheckpointError
 
-__all__ = ["Preset", "PRESETS", "STAGES", "CapstoneError", "run", "main", "model_names", "load_model"]
+__all__ = ["Preset", "PRESETS", "STAGES", "CapstoneError", "run", "main", "model_names", "load_model",
+           "heldout_problems", "evaluate_model", "hf_greedy_accuracy", "claims", "report_markdown", "report_html"]
 
 STAGES = ("pretrain", "r1_zero", "r1", "students", "eval", "report")
 _NEEDS = {"pretrain": (), "r1_zero": ("pretrain",), "r1": ("pretrain",), "students": ("r1",),
@@ -265,15 +269,23 @@ class _PretrainObjective:
     """The loss of V3-mini's pretraining: next-token loss + lambda/D sum_k L^k (MTP, V3 eq. 25) + the complementary
     sequence-wise balance loss; lambda follows V3's schedule (the first two thirds of the steps, then the second)."""
 
-    def __init__(self, steps: int, lams: tuple[float, float]):
-        self.steps, self.lams, self.trainer = steps, lams, None
+    def __init__(self, steps: int, lams: tuple[float, float], group=None):
+        self.steps, self.lams, self.trainer, self.group = steps, lams, None, group
 
     def __call__(self, model, batch):
         from dslib.moe import moe_aux_loss
-        from dslib.mtp import mtp_loss
+        from dslib.mtp import mtp_loss, mtp_targets
 
         lam = self.lams[0] if self.trainer.step < 2 * self.steps / 3 else self.lams[1]
-        total, _, _ = mtp_loss(model, batch, lam)
+        total, main, depths = mtp_loss(model, batch, lam)
+        if self.group is not None:  # data-parallel: each token mean weighed by this process's share of the tokens
+            from dslib.distributed import token_share
+
+            share = lambda mask: token_share(mask, self.group)  # noqa: E731
+            main = main * share(batch["loss_mask"])
+            total = main + (lam / max(1, len(depths))) * sum(
+                d * share(mtp_targets(batch, k)[1]) for k, d in enumerate(depths, start=1))
+        self.main_loss = main.detach()  # the next-token loss alone (with several processes: this one's part)
         return total + moe_aux_loss(model)
 
 
@@ -287,8 +299,9 @@ def _balance(model) -> dict:
 
 
 def stage_pretrain(ctx: "_Run") -> dict:
+    from dslib.distributed import gather_routing
     from dslib.moe import update_bias
-    from dslib.train import TrainConfig, Trainer
+    from dslib.train import TrainConfig
     from dslib.v3 import DeepSeekV3
     from dslib.world import PackedData
 
@@ -298,9 +311,15 @@ def stage_pretrain(ctx: "_Run") -> dict:
     valid = PackedData([d.text for d in world.validation()], tok, p.seq_len, 64, seed=ctx.seed).all_batches()[:4]
     torch.manual_seed(ctx.seed)
     model = DeepSeekV3(v3_config(p, tok.vocab_size))
-    objective = _PretrainObjective(p.pretrain_steps, p.mtp_lambda)
+    objective = _PretrainObjective(p.pretrain_steps, p.mtp_lambda, ctx.group)
 
     def after_step(tr, batch):
+        main = objective.main_loss.clone()
+        if ctx.group is not None:
+            torch.distributed.all_reduce(main)
+            main /= ctx.group.world_size
+            gather_routing(tr.model, ctx.group)  # the bias moves by the global batch's loads, on every process
+        tr.history.setdefault("main_loss", []).append(float(main))
         update_bias(tr.model, tr.model.config.bias_update_speed)
         if tr.step % 10 == 0:
             b = _balance(tr.model)
@@ -309,15 +328,17 @@ def stage_pretrain(ctx: "_Run") -> dict:
 
     cfg = TrainConfig(steps=p.pretrain_steps, lr=p.lr, warmup_steps=p.warmup_steps, schedule="cosine",
                       eval_every=max(1, p.pretrain_steps // 10), checkpoint_every=p.checkpoint_every, seed=ctx.seed)
-    tr = Trainer(model, data, cfg, eval_batches=valid, checkpoint_dir=folder / "train", device=ctx.device,
-                 loss_fn=objective, after_step=after_step)
+    tr = ctx.trainer(model, data, cfg, eval_batches=valid, checkpoint_dir=folder / "train", loss_fn=objective,
+                     after_step=after_step)
     objective.trainer = tr
-    ctx.resume_stage(tr.resume(), "pretrain", tr.step)
+    ctx.resume_stage(tr, "pretrain")
     t0 = time.time()
     start = tr.step
     with ctx.autocast():
         hist = tr.fit(progress=ctx.progress)
     seconds = time.time() - t0
+    if not ctx.main:
+        return {}
     tokens = (p.pretrain_steps - start) * p.batch * p.seq_len
     model.eval()
     acceptance = _mtp_acceptance(model, world, heldout_problems(p, world)[:20], p.max_new_tokens)
@@ -331,7 +352,7 @@ def stage_pretrain(ctx: "_Run") -> dict:
                "parameters_mtp": model.num_params(mtp=True),
                **_throughput(tps, model.config, p.seq_len, ctx.device),
                "final_train_loss": hist["loss"][-1], "heldout_loss": hist["eval_loss"][-1],
-               "loss": hist["loss"], "eval_step": hist["eval_step"], "eval_loss": hist["eval_loss"],
+               "loss": hist["loss"], "main_loss": hist.get("main_loss", []), "eval_step": hist["eval_step"], "eval_loss": hist["eval_loss"],
                "maxvio_step": hist.get("maxvio_step", []), "maxvio": hist.get("maxvio", []),
                "final_max_vio": float(np.mean(balance["max_vio"])), "final_load": balance["load"],
                "mtp_acceptance": acceptance, "seconds_this_session": seconds}
@@ -392,9 +413,15 @@ def _run_grpo(ctx: "_Run", model, folder: Path, fields: dict, rewards=None, what
     from dslib.grpo import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(**{"log_kl": False, **fields, "seed": ctx.seed})
-    tr = GRPOTrainer(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder,
-                     checkpoint_every=10)
-    ctx.resume_stage(tr.resume(), what, tr.step)
+    if ctx.group is None:
+        tr = GRPOTrainer(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder,
+                         checkpoint_every=10)
+    else:  # each process samples its share of the prompts
+        from dslib.distributed import DataParallelGRPO
+
+        tr = DataParallelGRPO(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder,
+                              checkpoint_every=10, group=ctx.group)
+    ctx.resume_stage(tr, what)
     with ctx.autocast():
         tr.fit(progress=ctx.progress)
     return tr
@@ -408,6 +435,8 @@ def stage_r1_zero(ctx: "_Run") -> dict:
     t0 = time.time()
     tr = _run_grpo(ctx, base, folder / "grpo", {**ctx.preset.r1_zero, "max_new_tokens": ctx.preset.max_new_tokens},
                    r1zero_rewards(), "r1_zero")
+    if not ctx.main:
+        return {}
     summary = {"steps": tr.config.steps, **_grpo_summary(tr.history), "seconds_this_session": time.time() - t0}
     _save_final(folder, tr.model, summary)
     return summary
@@ -432,20 +461,15 @@ def _non_reasoning(world, n: int, seed: int) -> list[str]:
     """R1's non-reasoning data in this world: bare answers to one-operation problems, in either language."""
     import random
 
-    from dslib.world import LANGUAGES, prompt
+    from dslib.r1 import non_reasoning_texts
 
-    rng = random.Random(f"non-reasoning-{seed}")
-    out = []
-    for _ in range(n):
-        q = world.sample_problem(rng, n_operands=2).in_language(rng.choice(LANGUAGES))
-        out.append(prompt(q) + f"</think> <answer> {q.fmt(q.answer)} </answer>")
-    return out
+    return non_reasoning_texts(world, n, random.Random(f"non-reasoning-{seed}"))
 
 
 def stage_students(ctx: "_Run") -> dict:
     from dslib.distill import DistillConfig, distill_sft, fresh_problems, teacher_data
     from dslib.r1zero import r1zero_rewards
-    from dslib.train import TrainConfig, Trainer
+    from dslib.train import TrainConfig
     from dslib.transformer import Transformer
     from dslib.world import PackedData
 
@@ -453,12 +477,13 @@ def stage_students(ctx: "_Run") -> dict:
     tok = world.tokenizer
     summary: dict[str, Any] = {"sizes": {}}
     t0 = time.time()
-    teacher = ctx.model("r1")
     cache = folder / "teacher_data.json"
-    if cache.exists():
+    if not ctx.main:  # the teacher's samples and the distillation run on the first process only
+        pass
+    elif cache.exists():
         data = json.loads(cache.read_text(encoding="utf-8"))
     else:
-        td = teacher_data(teacher, world, fresh_problems(world, p.distill_problems, ctx.seed), p.distill_k,
+        td = teacher_data(ctx.model("r1"), world, fresh_problems(world, p.distill_problems, ctx.seed), p.distill_k,
                           seed=ctx.seed, max_new_tokens=p.max_new_tokens)
         easy = _non_reasoning(world, p.distill_non_reasoning, ctx.seed)
         data = {"texts": td.texts + easy, "reasoning_texts": len(td.texts), "non_reasoning_texts": len(easy),
@@ -466,6 +491,8 @@ def stage_students(ctx: "_Run") -> dict:
                 "styles": td.styles, "languages": td.languages}
         from dslib.checkpoint import atomic_write_text
         atomic_write_text(cache, json.dumps(data) + "\n")
+    ctx.sync()
+    data = json.loads(cache.read_text(encoding="utf-8"))
     summary["teacher_data"] = {k: v for k, v in data.items() if k != "texts"} | {"texts": len(data["texts"])}
     if not data["texts"]:
         raise CapstoneError("no distillation data: the R1 teacher kept no sample (none right, readable and in the "
@@ -481,16 +508,18 @@ def stage_students(ctx: "_Run") -> dict:
             model = Transformer(student_config(p, size, tok.vocab_size))
             cfg = TrainConfig(steps=p.student_steps, lr=p.lr, warmup_steps=min(p.warmup_steps, p.student_steps - 1),
                               schedule="cosine", eval_every=0, checkpoint_every=p.checkpoint_every, seed=ctx.seed)
-            tr = Trainer(model, corpus, cfg, checkpoint_dir=base_dir / "train", device=ctx.device)
-            ctx.resume_stage(tr.resume(), f"{name}-base", tr.step)
+            tr = ctx.trainer(model, corpus, cfg, checkpoint_dir=base_dir / "train")
+            ctx.resume_stage(tr, f"{name}-base")
             with ctx.autocast():
                 hist = tr.fit(progress=ctx.progress)
-            _save_final(base_dir, model.eval(), {"steps": p.student_steps, "parameters": model.num_params(),
-                                                 "final_train_loss": hist["loss"][-1]})
+            if ctx.main:
+                _save_final(base_dir, model.eval(), {"steps": p.student_steps, "parameters": model.num_params(),
+                                                     "final_train_loss": hist["loss"][-1]})
+            ctx.sync()
         base = load_model(base_dir / "final", ctx.device)
         # Distilled: SFT of its base on the teacher's kept samples.
         dist_dir = sub / "distill"
-        if _done(dist_dir) is None:
+        if ctx.main and _done(dist_dir) is None:
             dc = DistillConfig(**{**p.distill, "seq_len": p.seq_len, "seed": ctx.seed})
             with ctx.autocast():
                 student = distill_sft(base, data["texts"], world, dc, dist_dir / "train", progress=ctx.progress)
@@ -500,11 +529,14 @@ def stage_students(ctx: "_Run") -> dict:
         if _done(rl_dir) is None:
             tr = _run_grpo(ctx, base, rl_dir / "grpo", {"max_new_tokens": p.max_new_tokens, **p.student_rl},
                            r1zero_rewards(), f"{name}-rl")
-            _save_final(rl_dir, tr.model, {"steps": tr.config.steps, **_grpo_summary(tr.history)})
+            if ctx.main:
+                _save_final(rl_dir, tr.model, {"steps": tr.config.steps, **_grpo_summary(tr.history)})
+        ctx.sync()
         summary["sizes"][size] = {"parameters": base.num_params(), "rl": _done(rl_dir)}
     summary["seconds_this_session"] = time.time() - t0
-    from dslib.checkpoint import atomic_write_text
-    atomic_write_text(folder / "done.json", json.dumps(summary, default=_json_default) + "\n")
+    if ctx.main:
+        from dslib.checkpoint import atomic_write_text
+        atomic_write_text(folder / "done.json", json.dumps(summary, default=_json_default) + "\n")
     return summary
 
 
@@ -571,8 +603,10 @@ def stage_eval(ctx: "_Run") -> dict:
     lines = "".join(json.dumps({"prompt": prompt(q), "answer": q.fmt(q.answer), "language": q.language}) + "\n"
                     for q in problems)
     atomic_write_text(ctx.out / "heldout.jsonl", lines)
-    results, done = {}, _done(ctx.stage_dir("eval")) or {}
-    checked = problems if p.hf_check == 0 else problems[:p.hf_check]
+    partial = ctx.stage_dir("eval") / "partial.json"  # the models evaluated before an interruption
+    results, done = {}, json.loads(partial.read_text(encoding="utf-8")) if partial.exists() else {}
+    # transformers decodes all of them, or hf_check spread evenly over both languages
+    checked = problems if p.hf_check == 0 else problems[::max(1, len(problems) // p.hf_check)][:p.hf_check]
     for name in ctx.progress_iter(model_names(p), "evaluate"):
         if name in done:
             results[name] = done[name]
@@ -586,8 +620,7 @@ def stage_eval(ctx: "_Run") -> dict:
             r.update(hf_greedy_accuracy=float("nan"), hf_checked=0)
         r["parameters"] = model.num_params()
         results[name] = r
-        atomic_write_text(ctx.stage_dir("eval") / "partial.json", json.dumps(results, default=_json_default))
-        done[name] = r
+        atomic_write_text(partial, json.dumps(results, default=_json_default))
     atomic_write_text(ctx.stage_dir("eval") / "done.json", json.dumps(results, indent=1, default=_json_default) + "\n")
     return results
 
@@ -644,26 +677,28 @@ def claims(metrics: dict) -> list[dict]:
 
 
 def _plots(metrics: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and open figures are left alone
 
     written = []
     stages, ev = metrics.get("stages", {}), metrics.get("eval", {})
 
+    def subplots(n=1, figsize=(13, 3.4)):
+        fig = Figure(figsize=figsize)
+        ax = fig.subplots(1, n)
+        return fig, ax
+
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
-        plt.close(fig)
         written.append(name)
 
     pre = stages.get("pretrain")
     if pre:
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
-        loss = np.array(pre["loss"])
+        fig, ax = subplots(3)
+        loss = np.array(pre.get("main_loss") or pre["loss"])
         w = max(1, len(loss) // 50)
-        ax[0].plot(np.convolve(loss, np.ones(w) / w, mode="valid"), label="train (smoothed)")
+        ax[0].plot(np.convolve(loss, np.ones(w) / w, mode="valid"),
+                   label="train (smoothed)" if pre.get("main_loss") else "train objective, with MTP (smoothed)")
         ax[0].plot(pre["eval_step"], pre["eval_loss"], "o-", label="held-out")
         ax[0].set(xlabel="step", ylabel="loss (nats / response token)", title="Pretraining V3-mini")
         ax[0].legend()
@@ -679,7 +714,7 @@ def _plots(metrics: dict, out: Path) -> list[str]:
         save(fig, "pretraining.png")
     z = stages.get("r1_zero")
     if z and z.get("accuracy"):
-        fig, ax = plt.subplots(1, 3, figsize=(13, 3.4))
+        fig, ax = subplots(3)
         for a, key, label in zip(ax, ("accuracy", "length", "reflection"),
                                  ("accuracy (training rollouts)", "mean length (tokens)", "share with ' wait '")):
             a.plot(range(1, len(z[key]) + 1), z[key])
@@ -687,7 +722,7 @@ def _plots(metrics: dict, out: Path) -> list[str]:
         save(fig, "r1_zero.png")
     if ev:
         names = [n for n in model_names_from(metrics) if n in ev]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 3.6))
+        fig, ax = subplots(1, figsize=(max(6, 1.2 * len(names)), 3.6))
         x = np.arange(len(names))
         for i, (key, label) in enumerate((("greedy_accuracy", "greedy"), ("pass@1", "pass@1"), ("cons@k", "cons@k"))):
             ax.bar(x + (i - 1) * 0.27, [ev[n][key] for n in names], 0.27, label=label)
@@ -799,6 +834,8 @@ def stage_report(ctx: "_Run") -> dict:
     return {"plots": plots, "claims": claims(metrics)}
 
 
+# Stages that every process runs under torchrun (data-parallel training); the others run on the first process alone.
+_DATA_PARALLEL = ("pretrain", "r1_zero", "students")
 _STAGE_FNS: dict[str, Callable] = {"pretrain": stage_pretrain, "r1_zero": stage_r1_zero, "r1": stage_r1,
                                    "students": stage_students, "eval": stage_eval, "report": stage_report}
 
@@ -810,20 +847,49 @@ _STAGE_FNS: dict[str, Callable] = {"pretrain": stage_pretrain, "r1_zero": stage_
 class _Run:
     """One capstone run in its folder: the preset, the world, the device, and where each stage's files are."""
 
-    def __init__(self, out: Path, preset: Preset, seed: int, device: torch.device, progress: bool, resume: bool):
+    def __init__(self, out: Path, preset: Preset, seed: int, device: torch.device, progress: bool, resume: bool,
+                 group=None):
         self.out, self.preset, self.seed, self.device = out, preset, seed, device
-        self.progress, self.resume = progress, resume
+        self.group = group  # dslib.distributed.Group under torchrun, else None
+        self.main = group is None or group.main
+        self.progress, self.resume = progress and self.main, resume
         self.world = _world(preset)
         self.seconds: dict[str, float] = {}
+
+    def sync(self) -> None:
+        """Wait for every process (a no-op for one): the first process writes, the others then read."""
+        if self.group is not None:
+            self.group.barrier()
+
+    def trainer(self, model, data, config, **kwargs):
+        """dslib.train.Trainer on this run's device; under torchrun, data-parallel: this process's rows of each batch,
+        the global batch's loss logged, the gradients averaged before the step (dslib.distributed)."""
+        from dslib.train import Trainer, batch_loss
+
+        if self.group is None:
+            return Trainer(model, data, config, device=self.device, **kwargs)
+        from dslib import distributed as dd
+
+        g = self.group
+        dd.broadcast_parameters(model.to(self.device), g)
+        if "loss_fn" not in kwargs:  # the next-token loss, weighed by this process's share of the counted tokens
+            kwargs["loss_fn"] = lambda m, b: batch_loss(m, b) * dd.token_share(b["loss_mask"], g)
+        kwargs["loss_fn"] = dd.global_mean_loss(kwargs["loss_fn"], g)
+        return Trainer(model, dd.ShardedBatches(data, g), config, device=self.device,
+                       after_backward=lambda m: dd.average_gradients(m, g), **kwargs)
 
     def stage_dir(self, stage: str) -> Path:
         d = self.out / "stages" / stage
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def resume_stage(self, resumed: bool, what: str, step: int) -> bool:
-        if resumed:
-            _say(f"{what}: resumed at step {step}")
+    def resume_stage(self, trainer, what: str) -> bool:
+        """Continue trainer from its last checkpoint, if any; only the first process writes checkpoints."""
+        resumed = trainer.resume()
+        if resumed and self.main:
+            _say(f"{what}: resumed at step {trainer.step}")
+        if not self.main:
+            trainer.checkpoint_dir = None
         return resumed
 
     def autocast(self):
@@ -856,11 +922,12 @@ class _Run:
                 "heldout": sum(1 for _ in heldout.open()) if heldout.exists() else 0}
 
 
-def _run_record(preset: Preset, seed: int, device: torch.device) -> dict:
+def _run_record(preset: Preset, seed: int, device: torch.device, group=None) -> dict:
     ident = json.dumps({"format": FORMAT, "preset": asdict(preset), "seed": seed}, sort_keys=True, default=list)
     return {"format": FORMAT, "preset": preset.name, "seed": seed,
             "id": hashlib.sha256(ident.encode()).hexdigest()[:16],
-            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device), "processes": 1 if group is None else group.world_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
             "dslib": __import__("dslib").__version__, "stages_done": [], "seconds": {}}
 
 
@@ -934,37 +1001,77 @@ def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stage
             raise CapstoneError("--device cuda: CUDA is not available on this machine")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    group = _join_processes(dev, preset)
+    if group is not None and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(out).expanduser()
     try:
-        return _run(out, preset, seed, stages, resume, dev, progress)
+        return _run(out, preset, seed, stages, resume, dev, progress, group)
     except CheckpointError as e:
         raise CapstoneError(f"{e}; nothing was overwritten (start again into a new --out, or remove the damaged "
                             f"stage folder and --resume)") from None
+    finally:
+        torch.set_num_threads(previous_threads)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _join_processes(dev: torch.device, preset: Preset):
+    """Under torchrun (WORLD_SIZE > 1): check that the preset's batches split across the processes, then join them
+    (dslib.distributed). None for one process."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n <= 1:
+        return None
+    sizes = {"batch": preset.batch, "r1_zero prompts_per_step": preset.r1_zero.get("prompts_per_step", 32),
+             "student_rl prompts_per_step": preset.student_rl.get("prompts_per_step", 32)}
+    bad = [f"{k} {v}" for k, v in sizes.items() if v % n]
+    if bad:
+        raise CapstoneError(f"{n} processes: {', '.join(bad)} do not split evenly across them (data parallelism "
+                            f"gives each process an equal share); use a number of processes that divides them")
+    from dslib.distributed import from_env
+
+    return from_env(dev)
 
 
 def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, dev: torch.device,
-         progress: bool) -> dict:
-    record = _prepare_out(out, _run_record(preset, seed, dev), resume)
-    for stage in stages:
-        missing = [n for n in _NEEDS[stage] if n not in record["stages_done"] and n not in stages]
-        if missing:
-            raise CapstoneError(f"stage {stage!r} needs {', '.join(missing)} first: add it to --stages (or run it "
-                                f"into this --out, then --resume)")
-    _claim_out(out)
-    _save_record(out, record)
-    ctx = _Run(out, preset, seed, dev, progress, resume)
+         progress: bool, group=None) -> dict:
+    ctx = _Run(out, preset, seed, dev, progress, resume, group)
+    if ctx.main:  # under torchrun, the first process checks and writes the folder; the others follow it
+        fresh = _run_record(preset, seed, dev, group)
+        record = _prepare_out(out, fresh, resume)
+        session = {k: fresh[k] for k in ("device", "processes", "threads", "torch", "dslib")}
+        record["sessions"] = record.get("sessions", []) + [session]  # each start or resume, where it ran
+        for stage in stages:
+            missing = [n for n in _NEEDS[stage] if n not in record["stages_done"] and n not in stages]
+            if missing:
+                raise CapstoneError(f"stage {stage!r} needs {', '.join(missing)} first: add it to --stages (or run "
+                                    f"it into this --out, then --resume)")
+        _claim_out(out)
+        _save_record(out, record)
+    ctx.sync()
+    if not ctx.main:
+        record = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     for stage in STAGES:
         if stage not in stages:
             continue
         if stage in record["stages_done"] and stage != "report":
-            _say(f"[{stage}] done earlier: loaded")
+            if ctx.main:
+                _say(f"[{stage}] done earlier: loaded")
             continue
-        _say(f"[{stage}] starting")
+        if ctx.main:
+            _say(f"[{stage}] starting")
         t0 = time.time()
-        result = _STAGE_FNS[stage](ctx)
+        if ctx.main or stage in _DATA_PARALLEL:
+            result = _STAGE_FNS[stage](ctx)
+        ctx.sync()
         seconds = time.time() - t0
+        if not ctx.main:
+            continue
         record["seconds"][stage] = record["seconds"].get(stage, 0.0) + seconds
         if stage not in record["stages_done"]:
             record["stages_done"].append(stage)
@@ -973,7 +1080,7 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
         from dslib.checkpoint import atomic_write_text
 
         atomic_write_text(out / "metrics.json", json.dumps(ctx.metrics(), indent=1, default=_json_default) + "\n")
-    return ctx.metrics()
+    return ctx.metrics() if ctx.main else {}
 
 
 def _one_line(stage: str, r: dict) -> str:
@@ -1006,7 +1113,9 @@ def parser() -> argparse.ArgumentParser:
                     "its own RL), evaluate every model on the same held-out problems, export each as a transformers "
                     "folder, and write a report card.",
         epilog="Examples: `python -m dslib capstone` (small on a CPU, full on a GPU); "
-               "`python -m dslib capstone --out runs/a --resume` after an interruption.")
+               "`python -m dslib capstone --out runs/a --resume` after an interruption; "
+               "`torchrun --nproc_per_node 4 -m dslib capstone --preset full` on 4 GPUs (data-parallel: the same "
+               "global batch, split across the processes).")
     import dslib
 
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -1047,5 +1156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"report card: {Path(args.out) / 'report.md'} (and report.html); metrics: {Path(args.out) / 'metrics.json'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process speaks for all
+        print(f"report card: {Path(args.out) / 'report.md'} (and report.html); metrics: "
+              f"{Path(args.out) / 'metrics.json'}")
     return 0
