@@ -624,8 +624,8 @@ class Experts(nn.Module):
     forward sorts the (token, expert) pairs by expert and runs each expert once on its contiguous block of tokens; the
     weighted outputs go back to their tokens with index_add. No token is dropped. `dispatch` chooses the products:
     "loop" (one per expert, on autograd, any device and dtype), "grouped" (ExpertProducts: F.grouped_mm with gate and up
-    fused, backward by hand) or "auto" (grouped on the CPU when PyTorch has F.grouped_mm and autocast is off, where it
-    measured fastest; the loop elsewhere)."""
+    fused, backward by hand) or "auto" (grouped on the CPU when PyTorch has F.grouped_mm, autocast is off and
+    torch.compile is not tracing, where it measured fastest; the loop elsewhere)."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -648,7 +648,8 @@ class Experts(nn.Module):
         if self.dispatch == "grouped" and not hasattr(F, "grouped_mm"):
             raise ValueError("Experts.dispatch='grouped' needs torch.nn.functional.grouped_mm (PyTorch 2.10 or later)")
         return self.dispatch == "grouped" or (self.dispatch == "auto" and x.device.type == "cpu"
-                                              and hasattr(F, "grouped_mm") and not torch.is_autocast_enabled("cpu"))
+                                              and hasattr(F, "grouped_mm") and not torch.is_autocast_enabled("cpu")
+                                              and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, d), indices and weights (N, k) -> sum_j weights[:, j] * expert_{indices[:, j]}(x): (N, d)."""

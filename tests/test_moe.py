@@ -367,3 +367,12 @@ def test_a_layer_that_has_just_trained_can_be_deep_copied():
     x = torch.randn(5, 8)
     assert torch.equal(twin(x), layer(x))
     assert twin.gate.weight.data_ptr() != layer.gate.weight.data_ptr()  # a copy, not a view
+
+
+def test_torch_compile_of_an_moe_layer_matches_eager():
+    """Under torch.compile, "auto" dispatch takes the per-expert products (the grouped products' CPU kernel takes
+    float32, which the compiler's shape checks refuse), and the compiled layer computes what the eager one does."""
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(d_model=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2))
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(torch.compile(m)(x), m(x), atol=1e-5, rtol=1e-5)
