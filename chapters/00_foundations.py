@@ -2178,10 +2178,8 @@ class Trainer(TrainerCheckpoints):
     data.batch(step) must give the batch of step `step` as a pure function of the step (world.PackedData does), so that
     a run resumed from a checkpoint sees the same batches, and produces the same losses, as an uninterrupted one.
 
-    after_step(trainer, batch), when given, runs after each optimizer step (chapter 02 moves the MoE routing bias there).
-    after_backward(model), when given, runs between backward and clipping (data-parallel training averages the
-    gradients of its processes there: dslib.distributed).
-    """
+    Hooks: after_step(trainer, batch) runs after each optimizer step (chapter 02 moves the MoE routing bias there);
+    after_backward(model) between backward and clipping (data-parallel training averages gradients there)."""
 
     def __init__(self, model: torch.nn.Module, data, config: TrainConfig, eval_batches: Sequence[dict] = (),
                  checkpoint_dir: str | Path | None = None, device: torch.device | str = "cpu",
@@ -2191,14 +2189,11 @@ class Trainer(TrainerCheckpoints):
         self.eval_batches, self.device, self.loss_fn = list(eval_batches), torch.device(device), loss_fn
         self.after_step, self.after_backward = after_step, after_backward
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
-                                           betas=config.betas)
-        self.step = 0
-        self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
+        self.optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+        self.step, self.history = 0, {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
 
     def lr(self, step: int) -> float:
-        c = self.config
-        return lr_at(step, c.steps, c.lr, c.warmup_steps, c.schedule)
+        return lr_at(step, self.config.steps, self.config.lr, self.config.warmup_steps, self.config.schedule)
 
     def evaluate(self) -> float:
         loss = evaluate_loss(self.model, self.eval_batches)
