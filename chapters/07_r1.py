@@ -1153,11 +1153,11 @@ saved_to = ledger.save()
 # R1's four stages, rebuilt on a bilingual arithmetic world. Accuracy-only RL (R1-Zero) moves the reasoning of
 # problems stated in words out of words, toward the language the model computes in best. From the base model, the
 # consistency reward slows that drift. The cold start holds the language through RL, and the rejection filter
-# restores it when RL started from the base. On problems in symbols, R1 and R1-Zero end level, and the
-# rejection-sampled SFT of the base model keeps stage 2's accuracy. Each of these sentences is asserted in the checks
-# below, so a run where one fails does not pass. Three things vary with the base model and the weights: whether the
-# reward *stops* the drift on its own, what keeping the language costs on worded problems, and whether stage 4's
-# brevity preference took. They are in the ledger above and in this run's record below.
+# restores it when RL started from the base (or keeps it, where the reward held it). On problems in symbols, R1 and
+# R1-Zero end level, and the rejection-sampled SFT of the base model keeps stage 2's accuracy. Each of these sentences
+# is asserted in the checks below, so a run where one fails does not pass. Three things vary with the base model and
+# the weights: whether the reward *stops* the drift on its own, what keeping the language costs on worded problems,
+# and whether stage 4's brevity preference took. They are in the ledger above and in this run's record below.
 
 # %%
 closing = {
@@ -1306,7 +1306,8 @@ assert s_m[1]["pass@1"] > base_m["pass@1"] + 0.05  # the cold start lifts the st
 assert slowed > 0.1, slowed  # the consistency reward slows the drift of stage 2 from the base
 assert share_at("R1 stage 2 (from the cold start)", end) > 0.9  # the cold start holds the language through RL
 no_cs = abl["without cold_start"]["by_language"]["en"]["prompt_language_share"]
-assert no_cs > held + 0.3, (no_cs, held)  # the rejection filter restores what stage 2 from the base lost
+# The rejection filter restores what stage 2 from the base lost (when the reward held the language, it keeps it).
+assert no_cs > min(held + 0.3, 0.9), (no_cs, held)
 print(f"chapter 07 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
 
 # %% [markdown]

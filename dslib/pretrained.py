@@ -21,7 +21,8 @@ chapter 07 (`base_model(recipe=BILINGUAL_RECIPE)`: problems stated in symbols or
 stage's checkpoints, and its model is the final R1 for chapters 08 and 09). Chapter 08 adds two students
 (`base_model(recipe=STUDENT_RECIPES[size])`, smaller GQA models on the bilingual corpus) and their RL-only runs
 (`r1_model(recipe=STUDENT_RL_RECIPES[size])`: R1-Zero from the student's base, checkpoints kept).
-`python -m dslib.pretrained` builds them all (seed 0) and prints where they are.
+`python -m dslib.pretrained` builds them all (seed 0; two at a time in two processes on a machine with two cores or
+more) and prints where they are.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from dslib.world import PackedData, World, WorldConfig
 __all__ = ["BaseRecipe", "BASE_RECIPE", "STEPS_MIX", "STEPS_RECIPE", "BILINGUAL_WORLD", "BILINGUAL_RECIPE", "STUDENT_RECIPES", "R1ZeroRecipe", "R1ZERO_RECIPE", "cache_dir",
            "base_world", "base_model", "base_model_path", "base_model_info", "recipe_key", "r1zero_model",
            "r1zero_model_path", "r1zero_model_info", "R1Recipe", "R1_RECIPE", "STUDENT_RL_RECIPES", "r1_model", "r1_model_path",
-           "r1_runs_path", "r1_model_info"]
+           "r1_runs_path", "r1_model_info", "build_all"]
 
 FORMAT_VERSION = 1  # bump when the stored layout or the training code changes what a recipe produces
 
@@ -443,42 +444,122 @@ def r1_model_info(seed: int = 0, recipe: R1Recipe = R1_RECIPE) -> dict[str, Any]
     return _info(r1_model_path(seed, recipe))
 
 
+def _jobs(seed: int) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """The cached entries of `seed` as build jobs: name -> (the jobs it starts from, a function that builds it and
+    returns a line saying where it is). Listed longest chain first (the R1 study waits for the bilingual base)."""
+
+    def base(recipe: BaseRecipe, what: str):
+        def job(progress: bool, rebuild: bool) -> str:
+            base_model(seed, progress=progress, rebuild=rebuild, recipe=recipe)
+            info = base_model_info(seed, recipe)
+            return (f"{what}: {base_model_path(seed, recipe)} (held-out loss "
+                    f"{info.get('heldout_loss', float('nan')):.3f}, built in {info.get('build_seconds', 0):.0f} s)")
+        return job
+
+    def r1zero(progress: bool, rebuild: bool) -> str:
+        r1zero_model(seed, progress=progress, rebuild=rebuild)
+        return (f"R1-Zero model: {r1zero_model_path(seed)} (built in "
+                f"{r1zero_model_info(seed).get('build_seconds', 0):.0f} s)")
+
+    def r1(recipe: R1Recipe, what: str):
+        def job(progress: bool, rebuild: bool) -> str:
+            r1_model(seed, progress=progress, rebuild=rebuild, recipe=recipe)
+            info = r1_model_info(seed, recipe)
+            return (f"{what}: {r1_model_path(seed, recipe)} (built in {info.get('build_seconds', 0):.0f} s: "
+                    f"{info.get('variant_seconds')})")
+        return job
+
+    jobs = {"bilingual base model": ((), base(BILINGUAL_RECIPE, "bilingual base model")),
+            "R1 study": (("bilingual base model",), r1(R1_RECIPE, "R1 study")),
+            "base model": ((), base(BASE_RECIPE, "base model")),
+            "R1-Zero model": (("base model",), r1zero),
+            "steps-mix base model": ((), base(STEPS_RECIPE, "steps-mix base model"))}
+    for size, recipe in STUDENT_RECIPES.items():
+        jobs[f"student {size}"] = ((), base(recipe, f"student {size}"))
+        jobs[f"student {size} RL-only"] = ((f"student {size}",), r1(STUDENT_RL_RECIPES[size], f"student {size} RL-only"))
+    return jobs
+
+
+def _run_job(table, seed: int, name: str, threads: int, progress: bool, rebuild: bool) -> tuple[str, float]:
+    """One job (in a worker process when there are several): (its line, seconds)."""
+    import dslib
+
+    dslib.setup(0, threads=threads, quiet=True)
+    t0 = time.time()
+    line = table(seed)[name][1](progress, rebuild)
+    return line, time.time() - t0
+
+
+def build_all(seeds: tuple[int, ...] = (0,), *, workers: int = 1, threads: int = 1, rebuild: bool = False,
+              progress: bool = True, table=None) -> list[str]:
+    """Build (or find) every cached entry of each seed; returns a line per entry saying where it is.
+
+    workers > 1 builds independent entries side by side, each in its own process on `threads` threads (the entries
+    are trained on one thread each, so two processes on two cores take about half the time of one; the weights are
+    the same either way). With several workers the progress bars give way to a line per finished entry.
+    table: seed -> {name: (names it starts from, build function)}, a module-level function (default: every entry of
+    the course; tests pass a small one)."""
+    table = table or _jobs
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} is invalid: a positive int is required")
+    for seed in seeds:
+        _check_seed(seed)
+    todo = {(seed, name): deps for seed in seeds for name, (deps, _) in table(seed).items()}
+    unknown = sorted({d for (seed, _), deps in todo.items() for d in deps if (seed, d) not in todo})
+    if unknown:
+        raise ValueError(f"the build table names jobs it does not have: {unknown}")
+    order: list[tuple[int, str]] = []  # the table's order, each job moved after the ones it starts from
+    while len(order) < len(todo):
+        ready = [k for k, deps in todo.items() if k not in order and all((k[0], d) in order for d in deps)]
+        if not ready:
+            raise ValueError(f"the build table's jobs wait on each other: {sorted(set(todo) - set(order))}")
+        order.append(ready[0])
+    todo = {k: todo[k] for k in order}
+    lines = []
+    if workers == 1:
+        for seed, name in order:
+            line, seconds = _run_job(table, seed, name, threads, progress, rebuild)
+            lines.append(f"seed {seed} {line}")
+            print(f"{lines[-1]} [{seconds:.0f} s]", flush=True)
+        return lines
+    import concurrent.futures as cf
+    import multiprocessing
+
+    done: set[tuple[int, str]] = set()
+    running: dict[cf.Future, tuple[int, str]] = {}
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while todo or running:
+            for key in [k for k, deps in todo.items() if all((k[0], d) in done for d in deps)]:
+                if len(running) == workers:
+                    break
+                del todo[key]
+                running[pool.submit(_run_job, table, key[0], key[1], threads, False, rebuild)] = key
+                print(f"[{time.time() - t0:5.0f} s] seed {key[0]} {key[1]}: started", flush=True)
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                key = running.pop(future)
+                line, seconds = future.result()  # a failed build raises here, naming its error
+                done.add(key)
+                lines.append(f"seed {key[0]} {line}")
+                print(f"[{time.time() - t0:5.0f} s] {lines[-1]} [{seconds:.0f} s]", flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Build (or find) every cached dslib model and print where it is.")
     p.add_argument("--seeds", type=int, nargs="*", default=[0], help="pretraining seeds of the models")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the model is tiny, and one thread suffers least on a busy machine)")
+                   help="CPU threads per build (default 1: the models are tiny, and one thread suffers least on a "
+                        "busy machine)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="builds side by side, each in its own process (default: 2 when the machine has 2 cores or "
+                        "more; 1 shows progress bars)")
     p.add_argument("--rebuild", action="store_true")
     args = p.parse_args(argv)
-    import dslib
-
-    dslib.setup(0, threads=args.threads, quiet=True)
-    for seed in args.seeds:
-        for name, recipe in (("base model", BASE_RECIPE), ("steps-mix base model", STEPS_RECIPE)):
-            t0 = time.time()
-            base_model(seed, progress=True, rebuild=args.rebuild, recipe=recipe)
-            info = base_model_info(seed, recipe)
-            print(f"{name} seed {seed}: {base_model_path(seed, recipe)} ({time.time() - t0:.1f} s; held-out loss "
-                  f"{info.get('heldout_loss', float('nan')):.3f}, built in {info.get('build_seconds', 0):.0f} s)")
-        t0 = time.time()
-        r1zero_model(seed, progress=True, rebuild=args.rebuild)
-        info = r1zero_model_info(seed)
-        print(f"R1-Zero model seed {seed}: {r1zero_model_path(seed)} ({time.time() - t0:.1f} s; built in "
-              f"{info.get('build_seconds', 0):.0f} s)")
-        t0 = time.time()
-        base_model(seed, progress=True, rebuild=args.rebuild, recipe=BILINGUAL_RECIPE)
-        print(f"bilingual base model seed {seed}: {base_model_path(seed, BILINGUAL_RECIPE)} ({time.time() - t0:.1f} s)")
-        t0 = time.time()
-        r1_model(seed, progress=True, rebuild=args.rebuild)
-        info = r1_model_info(seed)
-        print(f"R1 study seed {seed}: {r1_model_path(seed)} ({time.time() - t0:.1f} s; built in "
-              f"{info.get('build_seconds', 0):.0f} s: {info.get('variant_seconds')})")
-        for size, recipe in STUDENT_RECIPES.items():
-            t0 = time.time()
-            base_model(seed, progress=True, rebuild=args.rebuild, recipe=recipe)
-            r1_model(seed, progress=True, rebuild=args.rebuild, recipe=STUDENT_RL_RECIPES[size])
-            print(f"student {size} seed {seed}: base {base_model_path(seed, recipe)}, RL-only "
-                  f"{r1_model_path(seed, STUDENT_RL_RECIPES[size])} ({time.time() - t0:.1f} s)")
+    t0 = time.time()
+    build_all(tuple(args.seeds), workers=args.workers, threads=args.threads, rebuild=args.rebuild)
+    print(f"all cached models ready in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -168,3 +168,84 @@ def test_r1_recipe_variants_and_student_recipes():
         cfg = recipe.model_config(vocab)
         assert cfg.n_kv_head < cfg.n_head and cfg.d_model < R1_RECIPE.base.d_model
         assert STUDENT_RL_RECIPES[size].base == recipe and recipe.world == R1_RECIPE.base.world
+
+
+# build_all's scheduler, on tables of stand-in jobs (module-level, so that the spawned workers find them): each job
+# records when it ran in a file of the cache folder, so the test can see the order and the overlap.
+def _stand_in(seed: int, name: str, seconds: float, meet: str | None = None):
+    def job(progress: bool, rebuild: bool) -> str:
+        import os
+        import time
+
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        (folder / f"started-{seed}-{name}").touch()
+        met = meet is None
+        while not met and time.time() - t0 < 60:  # wait for the job `meet` to start beside this one
+            met = (folder / f"started-{seed}-{meet}").exists()
+            time.sleep(0.05)
+        time.sleep(seconds)
+        (folder / f"{seed}-{name}").write_text(f"{t0} {time.time()} {os.getpid()} {int(met)}")
+        return f"{name} done"
+    return job
+
+
+def _table(seed: int):
+    return {"a": ((), _stand_in(seed, "a", 0.2)), "a2": (("a",), _stand_in(seed, "a2", 0.2)),
+            "b": ((), _stand_in(seed, "b", 0.2))}
+
+
+def _meeting_table(seed: int):  # a and b wait for each other: only workers side by side finish them at once
+    return {"a": ((), _stand_in(seed, "a", 0.2, meet="b")), "a2": (("a",), _stand_in(seed, "a2", 0.2)),
+            "b": ((), _stand_in(seed, "b", 0.2, meet="a"))}
+
+
+def _bad_table(seed: int):
+    return {"a": (("missing",), _stand_in(seed, "a", 0.0))}
+
+
+def _cycle_table(seed: int):
+    return {"a": (("b",), _stand_in(seed, "a", 0.0)), "b": (("a",), _stand_in(seed, "b", 0.0))}
+
+
+def _late_table(seed: int):  # a2 is listed before the job it starts from
+    return {"a2": (("a",), _stand_in(seed, "a2", 0.0)), "a": ((), _stand_in(seed, "a", 0.0))}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_build_all_runs_each_job_after_the_ones_it_starts_from(tmp_cache, workers):
+    from dslib.pretrained import build_all
+
+    lines = build_all((0, 1), workers=workers, table=_table if workers == 1 else _meeting_table)
+    assert sorted(lines) == sorted(f"seed {s} {n} done" for s in (0, 1) for n in ("a", "a2", "b"))
+    runs = {f.name: [float(x) for x in f.read_text().split()] for f in tmp_cache.glob("[01]-*")}
+    assert len(runs) == 6
+    for seed in (0, 1):
+        assert runs[f"{seed}-a2"][0] >= runs[f"{seed}-a"][1]  # a2 starts from a: it waits for it
+    if workers == 1:  # one process, so the jobs never overlap
+        spans = sorted(r[:2] for r in runs.values())
+        assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))
+        assert len({r[2] for r in runs.values()}) == 1
+    else:  # two worker processes, and a and b of each seed ran side by side (each saw the other start)
+        assert len({r[2] for r in runs.values()}) == 2
+        assert all(runs[f"{s}-{n}"][3] == 1 for s in (0, 1) for n in ("a", "b"))
+
+
+def test_build_all_validation(tmp_cache):
+    from dslib.pretrained import _jobs, build_all
+
+    with pytest.raises(ValueError, match="workers"):
+        build_all((0,), workers=0, table=_table)
+    with pytest.raises(ValueError, match="missing"):
+        build_all((0,), table=_bad_table)
+    with pytest.raises(ValueError, match="seed"):
+        build_all((-1,), table=_table)
+    with pytest.raises(ValueError, match="wait on each other"):
+        build_all((0,), table=_cycle_table)
+    assert build_all((0,), table=_late_table) == ["seed 0 a done", "seed 0 a2 done"]
+    # The course's table: every entry the chapters load, and each one's prerequisites in it.
+    table = _jobs(0)
+    assert {"base model", "steps-mix base model", "R1-Zero model", "bilingual base model", "R1 study", "student S",
+            "student S RL-only", "student M", "student M RL-only"} == set(table)
+    assert table["R1 study"][0] == ("bilingual base model",) and table["R1-Zero model"][0] == ("base model",)
