@@ -410,17 +410,14 @@ def _grpo_summary(hist: dict) -> dict:
 
 
 def _run_grpo(ctx: "_Run", model, folder: Path, fields: dict, rewards=None, what: str = "GRPO"):
+    from dslib.distributed import DataParallelGRPO
     from dslib.grpo import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(**{"log_kl": False, **fields, "seed": ctx.seed})
-    if ctx.group is None:
-        tr = GRPOTrainer(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder,
-                         checkpoint_every=10)
-    else:  # each process samples its share of the prompts
-        from dslib.distributed import DataParallelGRPO
-
-        tr = DataParallelGRPO(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder,
-                              checkpoint_every=10, group=ctx.group)
+    # Under torchrun each process samples its share of the prompts.
+    cls, extra = (GRPOTrainer, {}) if ctx.group is None else (DataParallelGRPO, {"group": ctx.group})
+    tr = cls(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder, checkpoint_every=10,
+             **extra)
     ctx.resume_stage(tr, what)
     with ctx.autocast():
         tr.fit(progress=ctx.progress)
@@ -478,11 +475,7 @@ def stage_students(ctx: "_Run") -> dict:
     summary: dict[str, Any] = {"sizes": {}}
     t0 = time.time()
     cache = folder / "teacher_data.json"
-    if not ctx.main:  # the teacher's samples and the distillation run on the first process only
-        pass
-    elif cache.exists():
-        data = json.loads(cache.read_text(encoding="utf-8"))
-    else:
+    if ctx.main and not cache.exists():  # the teacher's samples and the distillation run on the first process only
         td = teacher_data(ctx.model("r1"), world, fresh_problems(world, p.distill_problems, ctx.seed), p.distill_k,
                           seed=ctx.seed, max_new_tokens=p.max_new_tokens)
         easy = _non_reasoning(world, p.distill_non_reasoning, ctx.seed)
