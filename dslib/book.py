@@ -9,6 +9,9 @@ Hand-written plumbing (DESIGN.md, "How code flows from a chapter into dslib"); n
                                     execute chapters' notebooks, timed against their budgets
     python -m dslib.book ledger     every chapter's claims ledger: the paper's claims next to our measurements
     python -m dslib.book reading    each chapter against the reader's standard (prose share, code cells, diagrams)
+    python -m dslib.book html [--out DIR]
+                                    the course as a static site (_build/html): a page per chapter from its executed
+                                    notebook, the chapter map and every chapter's claims ledger (dslib.site)
     python -m dslib.book git-filter once per clone: `git add` strips notebooks' outputs (nbstripout as a git filter)
 
 The manifest is `book.toml` at the root of the repository (the folder that holds it; `DSLIB_ROOT` overrides the search).
@@ -1081,6 +1084,19 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_html(args: argparse.Namespace) -> int:
+    from dslib.site import build_site
+
+    site = build_site(args.root, out=args.out, notebooks=args.notebooks)
+    executed = sum(p.executed for p in site.pages)
+    print(f"book html: {_plural(len(site.pages), 'chapter page')} ({executed} with outputs), the index and the "
+          f"claims ledger ({_plural(site.ledger_rows, 'claim')}) in {site.folder}")
+    if executed < len(site.pages):
+        print("chapters without outputs have not been run: `python -m dslib.book run` executes them")
+    print(f"open {site.index}, or serve the folder: python -m http.server --directory {site.folder}")
+    return 0
+
+
 def _cmd_reading(args: argparse.Namespace) -> int:
     readings = chapter_readings(args.root)
     print(format_table(
@@ -1096,7 +1112,8 @@ def _cmd_reading(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dslib.book",
-        description="The course tool: export chapters into dslib, check the book, list, run and report chapters.",
+        description="The course tool: export chapters into dslib, check the book, list, run and report chapters, "
+                    "build the site.",
     )
     parser.add_argument("--root", help="the folder holding book.toml (default: DSLIB_ROOT, or found from here)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1115,6 +1132,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("ledger", help="every chapter's saved claims ledger").set_defaults(handler=_cmd_ledger)
     commands.add_parser("reading", help="each chapter against the reader's standard: prose share, longest code "
                                         "cell, diagrams").set_defaults(handler=_cmd_reading)
+    html_cmd = commands.add_parser("html", help="the course as a static site: chapter pages with their outputs, the "
+                                                "chapter map and the claims ledger")
+    html_cmd.add_argument("--out", metavar="DIR", help="the site's folder (default: <build>/html; it is replaced)")
+    html_cmd.add_argument("--notebooks", metavar="DIR",
+                          help="the executed notebooks (default: <build>/notebooks, written by `run`)")
+    html_cmd.set_defaults(handler=_cmd_html)
     commands.add_parser("git-filter", help="once per clone: git add strips notebooks' outputs (nbstripout)") \
         .set_defaults(handler=_cmd_git_filter)
     return parser
