@@ -62,7 +62,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPOSITORY = "https://github.com/deepseek-from-scratch/deepseek-from-scratch"
+# DSLIB_REPOSITORY: where to clone from instead (a fork, a local clone); the tests use it
+REPOSITORY = os.environ.get("DSLIB_REPOSITORY", "https://github.com/deepseek-from-scratch/deepseek-from-scratch")
 if importlib.util.find_spec("dslib") is None:
     clone = Path.home() / "deepseek-from-scratch"
     if not clone.exists():
