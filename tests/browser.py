@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import http.server
 import os
 import shutil
@@ -38,18 +39,25 @@ def _missing(message: str) -> None:
     pytest.skip(f"{message}: the browser tests are skipped")
 
 
-@contextlib.contextmanager
-def chromium() -> Iterator[object]:
-    """A headless Chromium browser (a Playwright `Browser`), closed afterwards; skips the test when Chromium or
-    Playwright is not installed."""
+def require_browser() -> str:
+    """The path of the system's Chromium; skips the test (or fails it, where required) when Chromium or Playwright
+    is not installed. Call it before costly set-up that only a browser test needs."""
     path = chromium_path()
     if path is None:
         _missing("headless Chromium is not installed (Debian: apt-get install chromium; or set DSLIB_CHROMIUM to a "
                  "Chromium binary)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         _missing("playwright is not installed (pip install -e '.[dev]')")
+    return path
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[object]:
+    """A headless Chromium browser (a Playwright `Browser`), closed afterwards; skips the test when Chromium or
+    Playwright is not installed (`require_browser`)."""
+    path = require_browser()
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
         try:

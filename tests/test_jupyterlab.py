@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import chromium, free_port
+from browser import chromium, free_port, require_browser
 from dslib.book import build_dir, find_root, load_book
 
 ROOT = find_root(Path(__file__))
@@ -43,6 +43,7 @@ def _wait_for_server(url: str, process: subprocess.Popen, timeout: float = 90) -
 def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 whose root holds a copy of the chapter; yields (base URL, token, notebook
     path relative to the root, the copy's path)."""
+    require_browser()
     chapter = load_book(ROOT).chapter(CHAPTER)
     work = tmp_path / "work"
     (work / "chapters").mkdir(parents=True)
