@@ -253,7 +253,7 @@ def _ledger_body(ledgers: list[dict[str, Any]], names: dict[str, str]) -> tuple[
     chapters = f"{len(ledgers)} chapter" + ("" if len(ledgers) == 1 else "s")
     summary = (f"<p>{total} claims from {chapters}: {tally[True]} reproduced by the miniature, "
                f"{tally[False]} not reproduced (the note says by how much and why), {tally[None]} not comparable at "
-               f"this size. Each row was measured in the run that built these pages.</p>")
+               f"this size. Each row is as the latest run of its chapter saved it.</p>")
     return ("<h1>Claims ledger</h1>" + summary +
             "<table><thead><tr><th>chapter</th><th>claim</th><th>paper</th><th>ours</th><th>holds</th><th>note</th>"
             "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"), total
