@@ -164,6 +164,43 @@ def test_resume_loads_finished_stages_and_refuses_a_corrupt_checkpoint(tiny_run:
     assert bad.read_bytes() == before
 
 
+def test_an_evaluation_stopped_between_models_keeps_the_models_it_finished(tiny_run: Path, tmp_path: Path):
+    """The evaluation records each model as it finishes (stages/eval/partial.json). Resumed after a stop between
+    two models, it takes the finished ones from there, without evaluating them again, and evaluates the rest to the
+    same figures as the uninterrupted run."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    eval_dir = out / "stages" / "eval"
+    reference = json.loads((eval_dir / "done.json").read_text())
+    names = model_names(PRESETS["tiny"])
+    assert list(reference) == names
+    # as the run left it when stopped after the first two models: their results saved, the stage not done
+    finished = names[:2]
+    partial = {name: dict(reference[name]) for name in finished}
+    for name in finished:  # a mark that only a result read back from partial.json can carry
+        partial[name]["parameters"] = -1
+    (eval_dir / "partial.json").write_text(json.dumps(partial))
+    (eval_dir / "done.json").unlink()
+    record = json.loads((out / "run.json").read_text())
+    record["stages_done"] = [s for s in record["stages_done"] if s not in ("eval", "report")]
+    (out / "run.json").write_text(json.dumps(record))
+    for name in names:
+        shutil.rmtree(out / "hf" / name)
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--resume", "--stages", "eval,report")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[eval] done in" in r.stdout, r.stdout
+    resumed = json.loads((eval_dir / "done.json").read_text())
+    assert list(resumed) == names
+    for name in finished:  # taken from partial.json, not evaluated again (so not exported again either)
+        assert resumed[name]["parameters"] == -1
+        assert not (out / "hf" / name).exists()
+    for name in names[2:]:  # evaluated now, to the uninterrupted run's figures
+        assert (out / "hf" / name / "config.json").is_file()
+        assert _comparable(resumed[name]) == _comparable(reference[name]), name
+
+
 def test_bad_options_and_folders_are_refused_before_anything_is_written(tiny_run: Path, tmp_path: Path):
     with pytest.raises(CapstoneError, match="preset 'huge'"):
         capstone.run(tmp_path / "a", "huge")
