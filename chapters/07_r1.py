@@ -210,7 +210,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -445,7 +445,9 @@ assert [readable(t) for t in examples.values()] == [True, False, False, False, F
 # Each stage is a function that takes a model and returns a new one (the input is never modified), checkpointed into
 # a folder: run it again with the same folder and a finished stage is loaded in a second instead of trained again.
 # The SFT stages use chapter 00's `Trainer` (loss on the completion only, packed rows); the RL stages use chapter 05's
-# `GRPOTrainer`, with a checkpoint every 10 steps. One config holds every stage's knobs.
+# `GRPOTrainer`, with a checkpoint every 10 steps. One config holds every stage's knobs. Every stage takes `trainers`,
+# the pair of functions that build its trainers: here they train in this process; the capstone (chapter 09) passes a
+# pair that trains data-parallel on several processes, and the stages stay as they are.
 
 # %%
 #| export
@@ -515,16 +517,41 @@ def _path(p) -> Path | None:
     return None if p is None else Path(p)
 
 
+def local_sft_trainer(model, data, config: TrainConfig, checkpoint_dir: Path | None) -> Trainer:
+    """A Trainer in this process, on the model's device, resumed from checkpoint_dir when that holds a checkpoint."""
+    trainer = Trainer(model, data, config, checkpoint_dir=checkpoint_dir, device=next(model.parameters()).device)
+    if checkpoint_dir is not None:
+        trainer.resume()
+    return trainer
+
+
+def local_grpo_trainer(model, world, config: GRPOConfig, rewards: Rewards, checkpoint_dir: Path | None,
+                       checkpoint_every: int) -> GRPOTrainer:
+    """A GRPOTrainer in this process, resumed from checkpoint_dir when that holds a checkpoint."""
+    trainer = GRPOTrainer(model, world, config, rewards=rewards, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every)
+    if checkpoint_dir is not None:
+        trainer.resume()
+    return trainer
+
+
+@dataclass(frozen=True)
+class Trainers:
+    """How the stages build their trainers: `sft(model, data, train_config, checkpoint_dir)` -> a Trainer and
+    `grpo(model, world, grpo_config, rewards, checkpoint_dir, checkpoint_every)` -> a GRPOTrainer, each resumed from
+    checkpoint_dir when that holds a checkpoint. The default trains in this process."""
+
+    sft: Callable[..., Trainer] = local_sft_trainer
+    grpo: Callable[..., GRPOTrainer] = local_grpo_trainer
+
+
 def sft(model: torch.nn.Module, texts: Sequence[str], world, config: R1Config, steps: int,
-        checkpoint_dir: Path | None = None, progress: bool = True) -> torch.nn.Module:
+        checkpoint_dir: Path | None = None, progress: bool = True, trainers: Trainers = Trainers()) -> torch.nn.Module:
     """Supervised fine-tuning of `model` in place on prompt + completion texts (loss on the completion only), packed
     into rows of config.seq_len, config.sft_batch rows per step at config.sft_lr with cosine decay; with dslib.train's
     checkpoints: a checkpoint_dir that holds a finished run is loaded instead of trained again. Returns the model."""
     data = PackedData(list(texts), world.tokenizer, config.seq_len, config.sft_batch, seed=config.seed)
-    trainer = Trainer(model, data, config.sft_config(steps), checkpoint_dir=checkpoint_dir,
-                      device=next(model.parameters()).device)
-    if checkpoint_dir is not None:
-        trainer.resume()
+    trainer = trainers.sft(model, data, config.sft_config(steps), checkpoint_dir)
     if trainer.step < steps:
         trainer.fit(progress=progress)
     return model.eval()
@@ -555,10 +582,11 @@ def cold_start_data(world, n: int, seed: int = 0) -> list[str]:
 
 
 def cold_start(base: torch.nn.Module, world, config: R1Config, checkpoint_dir: str | Path | None = None,
-               progress: bool = True) -> torch.nn.Module:
+               progress: bool = True, trainers: Trainers = Trainers()) -> torch.nn.Module:
     """Stage 1: SFT of a copy of the base model on cold_start_data. Returns the new model; `base` is unchanged."""
     texts = cold_start_data(world, config.cold_start_examples, config.seed)
-    return sft(copy.deepcopy(base), texts, world, config, config.cold_start_steps, _path(checkpoint_dir), progress)
+    return sft(copy.deepcopy(base), texts, world, config, config.cold_start_steps, _path(checkpoint_dir), progress,
+               trainers)
 
 # %% [markdown]
 # **Stage 2, reasoning RL**, is chapter 05's GRPO with R1's rewards. The language-consistency reward joins accuracy
@@ -601,30 +629,29 @@ def r1_rewards(language_weight: float, brevity_weight: float = 0.0) -> Rewards:
 
 
 def _grpo(model, world, config: GRPOConfig, rewards: Rewards, checkpoint_dir, progress: bool, on_checkpoint,
-          checkpoint_every: int) -> GRPOTrainer:
-    trainer = GRPOTrainer(copy.deepcopy(model), world, config, rewards=rewards, checkpoint_dir=_path(checkpoint_dir),
-                          checkpoint_every=checkpoint_every)
-    if checkpoint_dir is not None:
-        trainer.resume()
+          checkpoint_every: int, trainers: Trainers) -> GRPOTrainer:
+    trainer = trainers.grpo(copy.deepcopy(model), world, config, rewards, _path(checkpoint_dir), checkpoint_every)
     trainer.fit(progress=progress, on_checkpoint=on_checkpoint)
     trainer.model.eval()
     return trainer
 
 
 def reasoning_rl(model: torch.nn.Module, world, config: R1Config, checkpoint_dir: str | Path | None = None,
-                 progress: bool = True, *, on_checkpoint=None, checkpoint_every: int = 10) -> GRPOTrainer:
+                 progress: bool = True, *, on_checkpoint=None, checkpoint_every: int = 10,
+                 trainers: Trainers = Trainers()) -> GRPOTrainer:
     """Stage 2: GRPO on a copy of `model` with accuracy + format + language consistency (config.language_weight; 0
     gives R1-Zero's rewards). Checkpoints every checkpoint_every steps and resumes from checkpoint_dir. Returns the
     trainer: its .model is the stage-2 model, .history the log."""
     return _grpo(model, world, config.grpo_config(2), r1_rewards(config.language_weight), checkpoint_dir, progress,
-                 on_checkpoint, checkpoint_every)
+                 on_checkpoint, checkpoint_every, trainers)
 
 
 def all_scenarios_rl(model: torch.nn.Module, world, config: R1Config, checkpoint_dir: str | Path | None = None,
-                     progress: bool = True, *, on_checkpoint=None, checkpoint_every: int = 10) -> GRPOTrainer:
+                     progress: bool = True, *, on_checkpoint=None, checkpoint_every: int = 10,
+                     trainers: Trainers = Trainers()) -> GRPOTrainer:
     """Stage 4: GRPO on a copy of `model` with the rule rewards, language consistency and brevity on easy problems."""
     return _grpo(model, world, config.grpo_config(4), r1_rewards(config.language_weight, config.brevity_weight),
-                 checkpoint_dir, progress, on_checkpoint, checkpoint_every)
+                 checkpoint_dir, progress, on_checkpoint, checkpoint_every, trainers)
 
 # %% [markdown]
 # **Stage 3, rejection sampling.** Sample the stage-2 model on fresh problems in both languages, keep the samples a
@@ -672,16 +699,18 @@ def rejection_sample(model: torch.nn.Module, world, config: R1Config) -> tuple[l
 
 
 def rejection_sft(base: torch.nn.Module, rl_model: torch.nn.Module, world, config: R1Config,
-                  checkpoint_dir: str | Path | None = None, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+                  checkpoint_dir: str | Path | None = None, progress: bool = True,
+                  trainers: Trainers = Trainers()) -> tuple[torch.nn.Module, dict]:
     """Stage 3: rejection-sample the stage-2 model, then SFT a copy of the **base** model on what was kept, as R1
-    did. Returns the new model and the data counts (saved beside the checkpoint, so a finished stage loads both)."""
+    did. Returns the new model and the data counts (saved beside the checkpoint, so a finished stage loads both).
+    Sampling is seeded by the config alone, so processes that train data-parallel all draw the same data."""
     folder = _path(checkpoint_dir)
     model = copy.deepcopy(base)
     if folder is not None and (folder / "rejection.json").exists() and (folder / "model.safetensors").exists():
         load_checkpoint(folder, model)
         return model.eval(), json.loads((folder / "rejection.json").read_text(encoding="utf-8"))
     texts, info = rejection_sample(rl_model, world, config)
-    model = sft(model, texts, world, config, config.sft_steps, folder, progress)
+    model = sft(model, texts, world, config, config.sft_steps, folder, progress, trainers)
     if folder is not None:
         atomic_write_text(folder / "rejection.json", json.dumps(info) + "\n")
     return model, info
@@ -700,8 +729,8 @@ SKIPPABLE = ("cold_start", "language", "rejection_sft", "all_scenarios_rl")
 
 
 def run_r1(base: torch.nn.Module, world, config: R1Config, checkpoint_dir: str | Path | None = None, *,
-           skip: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    """The four stages in order. skip: what to leave out, for the ablation ("cold_start": stage 2 starts from the
+           skip: Sequence[str] = (), progress: bool = True, trainers: Trainers = Trainers()) -> dict[str, Any]:
+    """The four stages in order, their trainers built by `trainers`. skip: what to leave out, for the ablation ("cold_start": stage 2 starts from the
     base model; "language": stages 2 and 4 without the consistency reward; "rejection_sft": stage 4 starts from the
     stage-2 model; "all_scenarios_rl": the stage-3 model is final). Skipping all four is R1-Zero.
 
@@ -716,7 +745,7 @@ def run_r1(base: torch.nn.Module, world, config: R1Config, checkpoint_dir: str |
         config = R1Config(**{**asdict(config), "language_weight": 0.0})
     suffix = "" if config.language_weight > 0 else "-nolang"
     folder = _path(checkpoint_dir)
-    models, trainers, folders, out = {}, {}, {}, {}
+    models, made, folders, out = {}, {}, {}, {}
 
     def enter(stage: str, name: str) -> Path | None:
         nonlocal folder
@@ -727,19 +756,20 @@ def run_r1(base: torch.nn.Module, world, config: R1Config, checkpoint_dir: str |
 
     start = base
     if "cold_start" not in skip:
-        start = models["cold_start"] = cold_start(base, world, config, enter("cold_start", "cold_start"), progress)
-    tr = trainers["reasoning_rl"] = reasoning_rl(start, world, config, enter("reasoning_rl", "reasoning_rl" + suffix),
-                                                 progress)
+        start = models["cold_start"] = cold_start(base, world, config, enter("cold_start", "cold_start"), progress,
+                                                  trainers)
+    tr = made["reasoning_rl"] = reasoning_rl(start, world, config, enter("reasoning_rl", "reasoning_rl" + suffix),
+                                             progress, trainers=trainers)
     last = models["reasoning_rl"] = tr.model
     if "rejection_sft" not in skip:
         last, out["rejection"] = rejection_sft(base, tr.model, world, config,
-                                               enter("rejection_sft", "rejection_sft"), progress)
+                                               enter("rejection_sft", "rejection_sft"), progress, trainers)
         models["rejection_sft"] = last
     if "all_scenarios_rl" not in skip:
-        tr4 = trainers["all_scenarios_rl"] = all_scenarios_rl(
-            last, world, config, enter("all_scenarios_rl", "all_scenarios_rl" + suffix), progress)
+        tr4 = made["all_scenarios_rl"] = all_scenarios_rl(
+            last, world, config, enter("all_scenarios_rl", "all_scenarios_rl" + suffix), progress, trainers=trainers)
         last = models["all_scenarios_rl"] = tr4.model
-    return {**out, "models": models, "final": last, "trainers": trainers, "folders": folders}
+    return {**out, "models": models, "final": last, "trainers": made, "folders": folders}
 
 # %% [markdown]
 # **The rejection filter, checked.** On the stage-2 model's own samples (section 5 loads it), the filter must keep

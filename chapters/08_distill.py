@@ -186,7 +186,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dslib.r1 import R1Config, keep_sample, reasoning_language, sft
+from dslib.r1 import R1Config, Trainers, keep_sample, reasoning_language, sft
 from dslib.r1zero import sample_k
 from dslib.rewards import style_of
 from dslib.train import lr_at, param_groups
@@ -415,9 +415,11 @@ class DistillConfig:
 
 
 def distill_sft(student: torch.nn.Module, texts: Sequence[str], world, config: DistillConfig,
-                checkpoint_dir=None, progress: bool = True) -> torch.nn.Module:
-    """Sequence-level distillation, as R1 did: SFT of (a copy of) the student on the teacher's texts."""
-    return sft(copy.deepcopy(student), texts, world, config.r1_config(), config.steps, checkpoint_dir, progress)
+                checkpoint_dir=None, progress: bool = True, trainers: Trainers = Trainers()) -> torch.nn.Module:
+    """Sequence-level distillation, as R1 did: SFT of (a copy of) the student on the teacher's texts; `trainers`
+    builds the Trainer (chapter 07's dslib.r1.Trainers: this process by default, data-parallel in the capstone)."""
+    return sft(copy.deepcopy(student), texts, world, config.r1_config(), config.steps, checkpoint_dir, progress,
+               trainers)
 
 
 def distill_logits(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], world,

@@ -436,9 +436,16 @@ print(f"all {len(attempts)} refused: {len(refusals) == len(attempts)}; nothing w
 # trains data-parallel: each process holds the whole model and takes a quarter of every batch (and of every GRPO
 # step's prompts), and their gradients are averaged before each update (`dslib.distributed`). The global batch is
 # the preset's, so the loss curve is one process's; the test suite checks that with 2 CPU processes, to float
-# rounding. Pretraining, R1-Zero and the students' pretraining and RL run on every process; R1's stages, the
-# distillation SFT, the evaluation and the report run on the first, and it alone writes to `--out`. The batch and
-# the GRPO prompts per step must divide by the number of processes (the command says which does not).
+# rounding. Every training stage runs on every process: pretraining, R1-Zero, R1's four stages (each process draws
+# the same rejection samples, since they are seeded by the config alone), the students' pretraining, distillation
+# and RL. The teacher's samples, the evaluation and the report run on the first, and it alone writes to `--out`. The
+# batches and the GRPO prompts per step must divide by the number of processes (the command says which does not).
+#
+# **Compiling.** `--compile` runs the losses of the fixed-shape training stages (pretraining, SFT, distillation)
+# through `torch.compile` (inductor by default; `--compile aot_eager` and the other backends too). The rollouts and
+# the evaluation stay eager, since their shapes change at every token. Compiling costs time at the start of each
+# stage, so it is meant for long runs on a GPU (the `full` preset); time it on your machine with `--max-steps`
+# before a long run. The test suite checks that a compiled pretraining follows the eager run's loss curve.
 #
 # **The smoke test.** `--max-steps 2` cuts every training stage to two steps and every sampled set to at most 16
 # problems. It takes seconds, learns nothing, and runs every shape, config and device transfer of the preset. So

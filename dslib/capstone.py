@@ -269,15 +269,18 @@ class _PretrainObjective:
     """The loss of V3-mini's pretraining: next-token loss + lambda/D sum_k L^k (MTP, V3 eq. 25) + the complementary
     sequence-wise balance loss; lambda follows V3's schedule (the first two thirds of the steps, then the second)."""
 
-    def __init__(self, steps: int, lams: tuple[float, float], group=None):
+    def __init__(self, steps: int, lams: tuple[float, float], group=None, loss=None):
+        from dslib.mtp import mtp_loss
+
         self.steps, self.lams, self.trainer, self.group = steps, lams, None, group
+        self.loss = loss or mtp_loss  # mtp_loss, or the run's compiled copy of it
 
     def __call__(self, model, batch):
         from dslib.moe import moe_aux_loss
-        from dslib.mtp import mtp_loss, mtp_targets
+        from dslib.mtp import mtp_targets
 
         lam = self.lams[0] if self.trainer.step < 2 * self.steps / 3 else self.lams[1]
-        total, main, depths = mtp_loss(model, batch, lam)
+        total, main, depths = self.loss(model, batch, lam)
         if self.group is not None:  # data-parallel: each token mean weighed by this process's share of the tokens
             from dslib.distributed import token_share
 
@@ -311,7 +314,9 @@ def stage_pretrain(ctx: "_Run") -> dict:
     valid = PackedData([d.text for d in world.validation()], tok, p.seq_len, 64, seed=ctx.seed).all_batches()[:4]
     torch.manual_seed(ctx.seed)
     model = DeepSeekV3(v3_config(p, tok.vocab_size))
-    objective = _PretrainObjective(p.pretrain_steps, p.mtp_lambda, ctx.group)
+    from dslib.mtp import mtp_loss
+
+    objective = _PretrainObjective(p.pretrain_steps, p.mtp_lambda, ctx.group, ctx.compiled(mtp_loss))
 
     def after_step(tr, batch):
         main = objective.main_loss.clone()
@@ -410,15 +415,11 @@ def _grpo_summary(hist: dict) -> dict:
 
 
 def _run_grpo(ctx: "_Run", model, folder: Path, fields: dict, rewards=None, what: str = "GRPO"):
-    from dslib.distributed import DataParallelGRPO
-    from dslib.grpo import GRPOConfig, GRPOTrainer
+    from dslib.grpo import GRPOConfig
 
     config = GRPOConfig(**{"log_kl": False, **fields, "seed": ctx.seed})
     # Under torchrun each process samples its share of the prompts.
-    cls, extra = (GRPOTrainer, {}) if ctx.group is None else (DataParallelGRPO, {"group": ctx.group})
-    tr = cls(copy.deepcopy(model), ctx.world, config, rewards=rewards, checkpoint_dir=folder, checkpoint_every=10,
-             **extra)
-    ctx.resume_stage(tr, what)
+    tr = ctx.trainers(what).grpo(copy.deepcopy(model), ctx.world, config, rewards, folder, 10)
     with ctx.autocast():
         tr.fit(progress=ctx.progress)
     return tr
@@ -447,7 +448,11 @@ def stage_r1(ctx: "_Run") -> dict:
     r1["rl"] = {"max_new_tokens": p.max_new_tokens, **r1.get("rl", {})}
     config = R1Config(**{**r1, "seq_len": p.seq_len, "seed": ctx.seed})
     t0 = time.time()
-    out = run_r1(ctx.model("base"), ctx.world, config, folder / "stages", progress=ctx.progress)
+    with ctx.autocast():  # under torchrun every process trains its share; the first one alone writes
+        out = run_r1(ctx.model("base"), ctx.world, config, folder / "stages", progress=ctx.progress,
+                     trainers=ctx.trainers())
+    if not ctx.main:
+        return {}
     summary = {"rejection": out.get("rejection", {}), "seconds_this_session": time.time() - t0,
                "stages": {k: _grpo_summary(t.history) for k, t in out["trainers"].items()}}
     _save_final(folder, out["final"], summary)
@@ -475,7 +480,7 @@ def stage_students(ctx: "_Run") -> dict:
     summary: dict[str, Any] = {"sizes": {}}
     t0 = time.time()
     cache = folder / "teacher_data.json"
-    if ctx.main and not cache.exists():  # the teacher's samples and the distillation run on the first process only
+    if ctx.main and not cache.exists():  # the teacher's samples are drawn once, by the first process
         td = teacher_data(ctx.model("r1"), world, fresh_problems(world, p.distill_problems, ctx.seed), p.distill_k,
                           seed=ctx.seed, max_new_tokens=p.max_new_tokens)
         easy = _non_reasoning(world, p.distill_non_reasoning, ctx.seed)
@@ -512,11 +517,14 @@ def stage_students(ctx: "_Run") -> dict:
         base = load_model(base_dir / "final", ctx.device)
         # Distilled: SFT of its base on the teacher's kept samples.
         dist_dir = sub / "distill"
-        if ctx.main and _done(dist_dir) is None:
+        if _done(dist_dir) is None:
             dc = DistillConfig(**{**p.distill, "seq_len": p.seq_len, "seed": ctx.seed})
             with ctx.autocast():
-                student = distill_sft(base, data["texts"], world, dc, dist_dir / "train", progress=ctx.progress)
-            _save_final(dist_dir, student, {"steps": dc.steps, "texts": len(data["texts"])})
+                student = distill_sft(base, data["texts"], world, dc, dist_dir / "train", progress=ctx.progress,
+                                      trainers=ctx.trainers())
+            if ctx.main:
+                _save_final(dist_dir, student, {"steps": dc.steps, "texts": len(data["texts"])})
+            ctx.sync()
         # RL alone: its base grown by its own GRPO run, R1-Zero's rewards.
         rl_dir = sub / "rl"
         if _done(rl_dir) is None:
@@ -828,7 +836,7 @@ def stage_report(ctx: "_Run") -> dict:
 
 
 # Stages that every process runs under torchrun (data-parallel training); the others run on the first process alone.
-_DATA_PARALLEL = ("pretrain", "r1_zero", "students")
+_DATA_PARALLEL = ("pretrain", "r1_zero", "r1", "students")
 _STAGE_FNS: dict[str, Callable] = {"pretrain": stage_pretrain, "r1_zero": stage_r1_zero, "r1": stage_r1,
                                    "students": stage_students, "eval": stage_eval, "report": stage_report}
 
@@ -841,8 +849,9 @@ class _Run:
     """One capstone run in its folder: the preset, the world, the device, and where each stage's files are."""
 
     def __init__(self, out: Path, preset: Preset, seed: int, device: torch.device, progress: bool, resume: bool,
-                 group=None):
+                 group=None, compile: str | None = None):
         self.out, self.preset, self.seed, self.device = out, preset, seed, device
+        self.compile = compile  # a torch.compile backend for the fixed-shape losses, or None
         self.group = group  # dslib.distributed.Group under torchrun, else None
         self.main = group is None or group.main
         self.progress, self.resume = progress and self.main, resume
@@ -856,20 +865,49 @@ class _Run:
 
     def trainer(self, model, data, config, **kwargs):
         """dslib.train.Trainer on this run's device; under torchrun, data-parallel: this process's rows of each batch,
-        the global batch's loss logged, the gradients averaged before the step (dslib.distributed)."""
+        the global batch's loss logged, the gradients averaged before the step (dslib.distributed). The default loss
+        is the next-token loss, compiled when the run asks for it."""
         from dslib.train import Trainer, batch_loss
 
+        loss = self.compiled(batch_loss)
         if self.group is None:
+            kwargs.setdefault("loss_fn", loss)
             return Trainer(model, data, config, device=self.device, **kwargs)
         from dslib import distributed as dd
 
         g = self.group
         dd.broadcast_parameters(model.to(self.device), g)
         if "loss_fn" not in kwargs:  # the next-token loss, weighed by this process's share of the counted tokens
-            kwargs["loss_fn"] = lambda m, b: batch_loss(m, b) * dd.token_share(b["loss_mask"], g)
+            kwargs["loss_fn"] = lambda m, b: loss(m, b) * dd.token_share(b["loss_mask"], g)
         kwargs["loss_fn"] = dd.global_mean_loss(kwargs["loss_fn"], g)
         return Trainer(model, dd.ShardedBatches(data, g), config, device=self.device,
                        after_backward=lambda m: dd.average_gradients(m, g), **kwargs)
+
+    def compiled(self, fn: Callable) -> Callable:
+        """fn (a loss of the model and a batch) under torch.compile with the run's backend; fn itself when the run
+        does not compile. Only fixed-shape training losses are compiled: rollouts and evaluation stay eager."""
+        return fn if not self.compile else torch.compile(fn, backend=self.compile)
+
+    def trainers(self, what: str | None = None):
+        """dslib.r1.Trainers for R1's stages and the distillation: this run's device, resumed from their
+        checkpoints, data-parallel under torchrun (self.trainer; DataParallelGRPO) with the first process writing."""
+        from dslib.distributed import DataParallelGRPO
+        from dslib.grpo import GRPOTrainer
+        from dslib.r1 import Trainers
+
+        def sft(model, data, config, checkpoint_dir):
+            tr = self.trainer(model, data, config, checkpoint_dir=checkpoint_dir)
+            self.resume_stage(tr, what or "/".join(Path(checkpoint_dir or ".").parts[-2:]))
+            return tr
+
+        def grpo(model, world, config, rewards, checkpoint_dir, checkpoint_every):
+            cls, extra = (GRPOTrainer, {}) if self.group is None else (DataParallelGRPO, {"group": self.group})
+            tr = cls(model.to(self.device), world, config, rewards=rewards, checkpoint_dir=checkpoint_dir,
+                     checkpoint_every=checkpoint_every, **extra)
+            self.resume_stage(tr, what or "/".join(Path(checkpoint_dir or ".").parts[-2:]))
+            return tr
+
+        return Trainers(sft=sft, grpo=grpo)
 
     def stage_dir(self, stage: str) -> Path:
         d = self.out / "stages" / stage
@@ -967,11 +1005,12 @@ def _save_record(out: Path, record: dict) -> None:
 
 def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stages: Sequence[str] | None = None,
         resume: bool = False, device: str | None = None, max_steps: int | None = None, progress: bool = True,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, compile: str | None = None) -> dict:
     """Run the capstone (or the stages named) into `out` and return metrics.json's content.
 
     preset: "small" (a CPU), "full" (one GPU), "tiny" (seconds: tests), or a Preset. max_steps caps every training
-    stage (to smoke-test a preset). resume: continue the run in `out` (same preset and seed)."""
+    stage (to smoke-test a preset). resume: continue the run in `out` (same preset and seed). compile: a
+    torch.compile backend ("inductor", ...) for the losses of the fixed-shape training stages, or None (eager)."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise CapstoneError(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
@@ -981,6 +1020,9 @@ def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stage
     preset = preset.capped(max_steps)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise CapstoneError(f"--seed {seed!r} is invalid: a non-negative int is required")
+    if compile is not None and compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise CapstoneError(f"--compile {compile!r} is not a torch.compile backend here: one of "
+                            f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
     stages = list(STAGES if not stages else stages)
     bad = [s for s in stages if s not in STAGES]
     if bad:
@@ -1002,7 +1044,7 @@ def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stage
         torch.set_num_threads(threads)
     out = Path(out).expanduser()
     try:
-        return _run(out, preset, seed, stages, resume, dev, progress, group)
+        return _run(out, preset, seed, stages, resume, dev, progress, group, compile)
     except CheckpointError as e:
         raise CapstoneError(f"{e}; nothing was overwritten (start again into a new --out, or remove the damaged "
                             f"stage folder and --resume)") from None
@@ -1020,8 +1062,19 @@ def _join_processes(dev: torch.device, preset: Preset):
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n <= 1:
         return None
-    sizes = {"batch": preset.batch, "r1_zero prompts_per_step": preset.r1_zero.get("prompts_per_step", 32),
-             "student_rl prompts_per_step": preset.student_rl.get("prompts_per_step", 32)}
+    from dslib.distill import DistillConfig
+    from dslib.grpo import GRPOConfig
+    from dslib.r1 import R1Config
+
+    prompts = GRPOConfig.prompts_per_step
+    r1_rl = preset.r1.get("rl", {})
+    sizes = {"batch": preset.batch, "r1_zero prompts_per_step": preset.r1_zero.get("prompts_per_step", prompts),
+             "r1 sft_batch": preset.r1.get("sft_batch", R1Config.sft_batch),
+             "r1 rl prompts_per_step": r1_rl.get("prompts_per_step", prompts),
+             "r1 final_rl prompts_per_step": preset.r1.get("final_rl", {}).get(
+                 "prompts_per_step", r1_rl.get("prompts_per_step", prompts)),
+             "distill batch": preset.distill.get("batch", DistillConfig.batch),
+             "student_rl prompts_per_step": preset.student_rl.get("prompts_per_step", prompts)}
     bad = [f"{k} {v}" for k, v in sizes.items() if v % n]
     if bad:
         raise CapstoneError(f"{n} processes: {', '.join(bad)} do not split evenly across them (data parallelism "
@@ -1032,12 +1085,12 @@ def _join_processes(dev: torch.device, preset: Preset):
 
 
 def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, dev: torch.device,
-         progress: bool, group=None) -> dict:
-    ctx = _Run(out, preset, seed, dev, progress, resume, group)
+         progress: bool, group=None, compile: str | None = None) -> dict:
+    ctx = _Run(out, preset, seed, dev, progress, resume, group, compile)
     if ctx.main:  # under torchrun, the first process checks and writes the folder; the others follow it
         fresh = _run_record(preset, seed, dev, group)
         record = _prepare_out(out, fresh, resume)
-        session = {k: fresh[k] for k in ("device", "processes", "threads", "torch", "dslib")}
+        session = {**{k: fresh[k] for k in ("device", "processes", "threads", "torch", "dslib")}, "compile": compile}
         record["sessions"] = record.get("sessions", []) + [session]  # each start or resume, where it ran
         for stage in stages:
             missing = [n for n in _NEEDS[stage] if n not in record["stages_done"] and n not in stages]
@@ -1127,6 +1180,10 @@ def parser() -> argparse.ArgumentParser:
                    "quick check that a preset runs on this machine)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the losses of the stages that train on fixed shapes (pretraining, SFT, "
+                        "distillation; not the GRPO rollouts), with BACKEND (default inductor). It pays on a GPU; "
+                        "on a CPU the compile time outweighs the gain at the small preset")
     return p
 
 
@@ -1140,7 +1197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # handled as Ctrl-C
     try:
         run(args.out, preset, seed=args.seed, stages=stages, resume=args.resume, device=args.device,
-                      max_steps=args.max_steps, progress=not args.quiet, threads=args.threads)
+                      max_steps=args.max_steps, progress=not args.quiet, threads=args.threads, compile=args.compile)
     except CapstoneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -210,6 +210,8 @@ def test_bad_options_and_folders_are_refused_before_anything_is_written(tiny_run
         capstone.run(tmp_path / "a", "tiny", max_steps=0)
     with pytest.raises(CapstoneError, match="--seed -1"):
         capstone.run(tmp_path / "a", "tiny", seed=-1)
+    with pytest.raises(CapstoneError, match="--compile 'turbo' is not a torch.compile backend"):
+        capstone.run(tmp_path / "a", "tiny", compile="turbo")
     with pytest.raises(CapstoneError, match="needs pretrain first"):
         capstone.run(tmp_path / "b", "tiny", stages=["r1_zero"], progress=False)
     assert not (tmp_path / "a").exists()
@@ -249,6 +251,30 @@ def test_the_full_preset_runs_two_steps_of_every_stage_on_the_cpu(tmp_path: Path
     assert metrics["stages"]["r1_zero"]["steps"] == 2
     assert set(metrics["stages"]["students"]["sizes"]) == {"S", "M"}
     assert (tmp_path / "full" / "stages" / "students" / "M" / "rl" / "final" / "model.safetensors").exists()
+
+
+def test_compiled_training_follows_the_eager_run(tmp_path: Path):
+    """--compile: pretraining V3-mini (MTP, the balance loss, the routing bias moved after each step) with its loss
+    under torch.compile gives the eager run's curves. The "aot_eager" backend traces the graphs
+    forward and backward as inductor would, without generating code, so the test stays quick on a CPU."""
+    from torch._dynamo.utils import counters
+
+    runs, graphs = {}, {}
+    for how in (None, "aot_eager"):
+        out = tmp_path / str(how)
+        counters.clear()
+        runs[how] = capstone.run(out, "tiny", stages=["pretrain"], max_steps=4, progress=False, compile=how)
+        graphs[how] = counters["stats"]["unique_graphs"]
+        assert json.loads((out / "run.json").read_text())["sessions"][-1]["compile"] == how
+    assert graphs[None] == 0 and graphs["aot_eager"] >= 1  # the compiled run did compile its loss
+    eager, compiled = runs[None]["stages"]["pretrain"], runs["aot_eager"]["stages"]["pretrain"]
+    assert len(compiled["loss"]) == 4
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
+    assert compiled["maxvio"] == pytest.approx(eager["maxvio"], abs=1e-4)
+    from dslib.train import batch_loss  # the default loss of the other training stages (SFT, students' bases)
+
+    run = lambda **kw: capstone._Run(tmp_path / "s", PRESETS["tiny"], 0, torch.device("cpu"), False, False, **kw)  # noqa: E731
+    assert run().compiled(batch_loss) is batch_loss and run(compile="aot_eager").compiled(batch_loss) is not batch_loss
 
 
 def test_presets_keep_their_promises():

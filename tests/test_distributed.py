@@ -1,11 +1,12 @@
 """Data-parallel training (dslib.distributed) with the gloo backend and 2 processes on the CPU: the pieces, one at a
 time, and the capstone under torchrun, whose pretraining must follow one process's loss curve with the same global
-batch, and whose GRPO stage keeps the processes' weights identical."""
+batch, and whose R1 and distillation stages follow it wherever they train on the same data."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,19 @@ from dslib.capstone import PRESETS, CapstoneError
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="this PyTorch has no torch.distributed with gloo")
+
+
+def _sft_problem(world):
+    """A small model, 24 of R1's cold-start texts packed in rows of 128 tokens, 4 rows a step, and a 3-step TrainConfig."""
+    from dslib.r1 import cold_start_data
+    from dslib.train import TrainConfig
+    from dslib.transformer import Transformer, TransformerConfig
+    from dslib.world import PackedData
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=world.tokenizer.vocab_size, d_model=16, n_layer=1, n_head=2))
+    data = PackedData(cold_start_data(world, 24, seed=0), world.tokenizer, 128, 4, seed=0)
+    return model, data, TrainConfig(steps=3, lr=1e-2, warmup_steps=1, eval_every=0, seed=0)
 
 
 def _pieces(rank: int, world: int, init: str, out: str) -> None:
@@ -72,8 +86,15 @@ def _pieces(rank: int, world: int, init: str, out: str) -> None:
                                                         max_new_tokens=8, seed=3), group=g)
     res["problems"] = [repr(p) for p in tr.problems(0)]
     tr.fit(progress=False)
-    res["policy"] = [float(p.double().sum()) for p in tr.model.parameters()]
+    res["policy"] = [float(p.detach().double().sum()) for p in tr.model.parameters()]
     res["reward_logged"] = tr.history["reward"]
+    # The capstone's trainers for R1's stages and the distillation: the SFT trainer takes this process's rows.
+    ctx = capstone._Run(Path(out, "run"), PRESETS["tiny"], 0, torch.device("cpu"), False, False, g)
+    sft = ctx.trainers().sft(*_sft_problem(world_), None)
+    res["sft_rows"] = sft.data.batch(0)["input_ids"].shape[0]
+    sft.fit(progress=False)
+    res["sft_loss"] = sft.history["loss"]
+    res["sft_weights"] = [float(p.detach().double().sum()) for p in sft.model.parameters()]
     Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -92,6 +113,15 @@ def test_pieces_on_two_processes(tmp_path):
     for own0, own1, gathered in zip(r0["own_load"], r1["own_load"], r0["gathered_load"]):
         assert gathered == [a + b for a, b in zip(own0, own1)]
     assert r0["gathered_load"] == r1["gathered_load"] and r0["own_load"] != r1["own_load"]
+    # R1's and the distillation's SFT: 2 of the 4 rows on each process, one process's loss curve and weights.
+    from dslib.r1 import local_sft_trainer
+
+    alone = local_sft_trainer(*_sft_problem(capstone._world(PRESETS["tiny"])), None)
+    assert alone.data.batch(0)["input_ids"].shape[0] == 4 and r0["sft_rows"] == r1["sft_rows"] == 2
+    alone.fit(progress=False)
+    assert r0["sft_loss"] == r1["sft_loss"] == pytest.approx(alone.history["loss"], abs=1e-5)
+    assert r0["sft_weights"] == r1["sft_weights"] == pytest.approx(
+        [float(p.double().sum()) for p in alone.model.parameters()], abs=1e-4)
     # The prompts are split without overlap, and the processes' models stay identical through the updates.
     from dslib.grpo import GRPOConfig, GRPOTrainer
     from dslib.transformer import Transformer, TransformerConfig
@@ -153,3 +183,52 @@ def test_batches_that_do_not_split_are_refused(monkeypatch, tmp_path):
 
     with pytest.raises(ValueError, match="6 rows does not split across 4"):
         ShardedBatches(Data(), Group(0, 4))
+
+
+def _loss_curve(folder: Path) -> list[float]:
+    from dslib.checkpoint import read_trainer_state
+
+    return read_trainer_state(folder)["history"]["loss"]
+
+
+def test_r1_and_the_distillation_under_torchrun_follow_one_process(tmp_path):
+    """R1's four stages and the students' stage under torchrun, resumed into a copy of a one-process run that has
+    forgotten them (the teacher's samples kept, so both runs distil the same texts). Every SFT on the same data follows
+    one process's loss curve: R1's cold start, each student's own base, its distillation. The RL stages run with their
+    prompts split (other samples, so their curves are not compared), and only the first process writes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--preset", "tiny", "--quiet", "--threads", "1"]
+    ran = _run([*common, "--stages", "pretrain,r1,students", "--out", str(one)], torchrun=False)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    shutil.copytree(one, two)
+    record = json.loads((two / "run.json").read_text())
+    record["stages_done"] = [s for s in record["stages_done"] if s not in ("r1", "students")]
+    (two / "run.json").write_text(json.dumps(record))
+    shutil.rmtree(two / "stages/r1")
+    for child in (two / "stages/students").iterdir():
+        if child.name != "teacher_data.json":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    ran = _run([*common, "--stages", "r1,students", "--resume", "--out", str(two)], torchrun=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("[r1] starting") == 1 and ran.stdout.count("[students] starting") == 1
+    record = json.loads((two / "run.json").read_text())
+    assert {"r1", "students"} <= set(record["stages_done"]) and record["sessions"][-1]["processes"] == 2
+
+    cold = "stages/r1/stages/cold_start"
+    assert len(_loss_curve(two / cold)) == PRESETS["tiny"].r1["cold_start_steps"]
+    assert _loss_curve(two / cold) == pytest.approx(_loss_curve(one / cold), abs=1e-4)
+    for size in PRESETS["tiny"].students:
+        for part in ("base/train", "distill/train"):
+            a, b = _loss_curve(one / f"stages/students/{size}/{part}"), _loss_curve(two / f"stages/students/{size}/{part}")
+            assert len(a) > 1 and b == pytest.approx(a, abs=1e-4), (size, part)
+        assert (two / f"stages/students/{size}/rl/done.json").exists()
+    rejection = two / cold / "reasoning_rl/rejection_sft"
+    assert json.loads((rejection / "rejection.json").read_text())["non_reasoning"] == PRESETS["tiny"].r1["non_reasoning"]
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert len(metrics["stages"]["r1"]["stages"]["reasoning_rl"]["reward"]) == PRESETS["tiny"].r1["rl"]["steps"]
+    # Only the first process wrote checkpoints: the same files as one process wrote.
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert files(two / "stages/r1") == files(one / "stages/r1")
+    assert files(two / "stages/students") == files(one / "stages/students")
