@@ -17,7 +17,7 @@ median round counts. Prints times and ratios; the headline lines are `moe time v
 backward, the training step's cost) and, last, our default dispatch against the fastest transformers implementation,
 the smaller of the forward and the forward + backward ratios.
 
-    python benchmarks/moe_dispatch.py [--tokens 4096] [--rounds 5] [--threads N]
+    python benchmarks/moe_dispatch.py [--tokens 4096] [--rounds 5] [--threads N] [--system-allocator]
 """
 
 from __future__ import annotations
@@ -55,11 +55,14 @@ def main() -> None:
     p.add_argument("--expert-width", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--system-allocator", action="store_true",
+                   help="leave the C library's allocator as it is (dslib.setup's keep_memory=False)")
     args = p.parse_args()
-    device = dslib.setup(seed=0, threads=args.threads, quiet=True)
+    device = dslib.setup(seed=0, threads=args.threads, quiet=True, keep_memory=not args.system_allocator)
     n, d, e, k, i = args.tokens, args.d_model, args.experts, args.top_k, args.expert_width
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; {n} tokens, width {d}, "
-          f"{e} experts of width {i}, top {k}")
+    kept = "freed memory kept for reuse" if dslib.freed_memory_kept() else "system allocator"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {kept}; {n} tokens, "
+          f"width {d}, {e} experts of width {i}, top {k}")
 
     cfg = MoEConfig(d_model=d, moe_intermediate_size=i, n_routed_experts=e, num_experts_per_tok=k,
                     n_shared_experts=0, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
