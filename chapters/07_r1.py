@@ -516,7 +516,12 @@ class R1Config:
 def _path(p) -> Path | None:
     return None if p is None else Path(p)
 
+# %% [markdown]
+# **Who builds the trainers.** Each stage asks a `Trainers` pair for its trainer instead of building one itself: the
+# default pair trains in this process, and the capstone's pair trains the same stage on several processes.
 
+# %%
+#| export
 def local_sft_trainer(model, data, config: TrainConfig, checkpoint_dir: Path | None) -> Trainer:
     """A Trainer in this process, on the model's device, resumed from checkpoint_dir when that holds a checkpoint."""
     trainer = Trainer(model, data, config, checkpoint_dir=checkpoint_dir, device=next(model.parameters()).device)
