@@ -269,11 +269,9 @@ class _PretrainObjective:
     """The loss of V3-mini's pretraining: next-token loss + lambda/D sum_k L^k (MTP, V3 eq. 25) + the complementary
     sequence-wise balance loss; lambda follows V3's schedule (the first two thirds of the steps, then the second)."""
 
-    def __init__(self, steps: int, lams: tuple[float, float], group=None, loss=None):
-        from dslib.mtp import mtp_loss
-
+    def __init__(self, steps: int, lams: tuple[float, float], loss: Callable, group=None):
         self.steps, self.lams, self.trainer, self.group = steps, lams, None, group
-        self.loss = loss or mtp_loss  # mtp_loss, or the run's compiled copy of it
+        self.loss = loss  # dslib.mtp.mtp_loss, or the run's compiled copy of it
 
     def __call__(self, model, batch):
         from dslib.moe import moe_aux_loss
@@ -316,7 +314,7 @@ def stage_pretrain(ctx: "_Run") -> dict:
     model = DeepSeekV3(v3_config(p, tok.vocab_size))
     from dslib.mtp import mtp_loss
 
-    objective = _PretrainObjective(p.pretrain_steps, p.mtp_lambda, ctx.group, ctx.compiled(mtp_loss))
+    objective = _PretrainObjective(p.pretrain_steps, p.mtp_lambda, ctx.compiled(mtp_loss), ctx.group)
 
     def after_step(tr, batch):
         main = objective.main_loss.clone()
