@@ -3026,8 +3026,9 @@ ledger.add("The multi-step schedule reaches the same final loss as cosine",
            "about the same (DeepSeek LLM, sec. 2.3)",
            f"{final['multistep']:.3f} vs {final['cosine']:.3f} nats ({rel:+.1%}), {SCHED['steps']} steps",
            abs(rel) < 0.02,
-           "" if abs(rel) < 0.02 else "a short run: cosine decays from the start, multi-step holds the peak; the paper "
-                                       "trains for 2T tokens")
+           "" if abs(rel) < 0.02 else
+           f"{'multi-step' if rel < 0 else 'cosine'} ended {abs(rel):.1%} lower in a run of {SCHED['steps']} steps; "
+           "the paper compares them over 2T tokens")
 ledger.add("GQA shrinks the KV cache by n_head / n_kv_head",
            "67B: 64 heads, 8 KV heads = 8x smaller (DeepSeek LLM, Table 2)",
            f"4 heads: {kv[4]} B/token MHA, {kv[2]} GQA-2, {kv[1]} MQA ({kv[4] / kv[2]:.0f}x, {kv[4] / kv[1]:.0f}x)",
@@ -3035,7 +3036,7 @@ ledger.add("GQA shrinks the KV cache by n_head / n_kv_head",
 ledger.add("A tiny model pretrained on the world solves some held-out problems, not all",
            "course pre-study: greedy 5-11%, sampled 18-26% (3.95M tokens)",
            f"greedy {greedy_acc:.1%}, sampled {sampled_acc:.1%} ({MAIN['steps'] * MAIN['batch'] * SEQ_LEN / 1e6:.1f}M tokens)",
-           0 < greedy_acc < 0.9 and 0 < sampled_acc < 0.9,
+           0.04 < greedy_acc < 0.9 and 0.015 < sampled_acc < 0.9,
            "" if sampled_acc >= 0.18 else "fewer tokens than the pre-study: sampled accuracy is below its range")
 ledger.show()
 saved_to = ledger.save()  # _build/ledger/00.json: `python -m dslib.book ledger` prints every chapter's rows
@@ -3251,16 +3252,17 @@ saved_to = ledger.save()  # _build/ledger/00.json: `python -m dslib.book ledger`
 #
 # The chapter's key measurements, asserted (this is what the test suite checks). Each fails when the effect it guards
 # is absent: the held-out loss ends below 0.7 nats per response token and started above it (an untrained model's
-# loss is near $\ln 104 \approx 4.6$); the base model solves some held-out problems but fewer than 90%, greedy and
-# sampled, leaving room for RL to improve; all three styles appear in its sampled completions; the schedule comparison
+# loss is near $\ln 104 \approx 4.6$); the base model solves more than 4% of the held-out problems greedily and
+# more than 1.5% sampled (a uniform guess among the 100 answers is right 1% of the time), but fewer than 90%, leaving room for RL to improve; each of the three
+# styles makes at least 5% of its sampled completions; the schedule comparison
 # gives finite losses within 20% of each other (a loose guard against a broken schedule; the ledger holds the 2%
 # claim); the resume and NaN-guard tests of section 5 passed; and the Llama export came back bit for bit and, where
 # transformers is installed, gave its ids, logits (within $10^{-4}$) and greedy text.
 
 # %%
 assert history["eval_loss"][-1] < 0.7 < history["eval_loss"][0], history["eval_loss"]
-assert 0.0 < greedy_acc < 0.9 and 0.0 < sampled_acc < 0.9, (greedy_acc, sampled_acc)
-assert {"bare", "steps", "reflects"} <= set(by_style), by_style.keys()
+assert 0.04 < greedy_acc < 0.9 and 0.015 < sampled_acc < 0.9, (greedy_acc, sampled_acc)
+assert all(len(by_style.get(s, ())) >= 0.05 * len(right) for s in ("bare", "steps", "reflects")), by_style.keys()
 assert all(np.isfinite(list(final.values()))) and abs(rel) < 0.2, final
 assert resume_exact and nan_guard_fired
 assert llama_round_trip and (not hf_checked or (hf_same_ids and hf_logit_diff < 1e-4 and hf_same_text))

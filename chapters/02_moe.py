@@ -2084,8 +2084,9 @@ for (arm, s), run in runs.items():
 # Without balancing the load collapses; both remedies cut the imbalance by at least a third, on every seed.
 for a in ("DeepSeekMoE", "DeepSeekMoE, loss-free bias"):
     assert (maxvio_late[a] < 0.67 * maxvio_late["DeepSeekMoE, no balancing"]).all(), (a, maxvio_late)
-# The shared expert matters, and routing depends on the kind of token.
-assert (shared_off > shared_on + 0.005).all(), (shared_on, shared_off)
+# The shared expert matters at equal compute (off, one more routed expert: the paper's test), and routing depends on
+# the kind of token.
+assert (shared_swapped > shared_on + 0.01).all(), (shared_on, shared_swapped)
 assert min(kind_mi) > 3 * max(kind_mi_shuffled), (kind_mi, kind_mi_shuffled)
 assert replay_bias_end < 0.5 * replay_start
 print(f"Summary: DeepSeekMoE vs GShard final loss {final['DeepSeekMoE'].mean():.3f} vs "

@@ -2075,8 +2075,10 @@ saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger`
 # %%
 assert max(reference_errors.values()) < 1e-5 and max(equivalence_errors.values()) < 1e-4
 assert packed_error < 1e-5
+# Arithmetic on the published shapes (identities, which guard the formulas' code, not measurements).
 assert per_layer["MLA"] == 576 and per_layer["MHA"] == 32_768 and groups_equivalent == 2.25
 assert round(saving_6bit, 3) == 0.933 and 0.81 < saving_bf16 < 0.83
+# Measured: the bytes the caches allocate equal the formula.
 assert all(measured[k] == kv_cache_bytes(k, n_layer=3, tokens=50, batch_size=2, dtype=torch.float32, **shape)
            for k in KINDS)
 assert abs(cache_ratio_dec - kv_cache_elements("MHA", n_head=H_DEC, head_dim=D_DEC // H_DEC)
@@ -2087,14 +2089,15 @@ assert abs(cache_ratio_dec - kv_cache_elements("MHA", n_head=H_DEC, head_dim=D_D
 assert max(yarn_errors.values()) < 1e-6 and plain_is_exact and kept_exact and divided_exact
 assert unseen["plain RoPE"].max() > 0.5 and unseen["YaRN"].max() < 1e-3
 assert max(past_errors.values()) < 1e-4 and abs(factors["V2"][1] - v2_sqrt_t ** 2) < 1e-12
-# Decoding work per cached token (not a timing: timings belong to benchmarks/): naive MLA re-creates keys and values.
+# Decoding work per cached token, counted from the configs (arithmetic, not a timing: timings belong to benchmarks/):
+# naive MLA re-creates keys and values.
 assert per_token_cost["MLA naive"][0] > 25 * per_token_cost["MLA absorbed"][0]
 assert per_token_cost["MLA absorbed"][1] * 3.5 < per_token_cost["MHA"][1]
-# Every kind learns (the loss falls from about 4.6 past the 1.0 plateau's start), nothing leaks the answer (the
-# loss stays above what a model that sees the future would reach), and MLA stays within 30% of MHA.
+# Every kind learns (the loss falls from above 4 to below 1.2 on every seed), nothing leaks the answer (the loss
+# stays above 0.3, where a model that sees the future would fall far lower), and MLA ends within 20% of MHA.
 for k in CONTENDERS:
     assert 0.3 < final_loss[k].max() < 1.2 and race[(k, RACE["seeds"][0])]["eval_loss"][0] > 4, (k, final_loss[k])
-assert mla_final < 1.3 * mha_final, (mla_final, mha_final)
+assert mla_final < 1.2 * mha_final, (mla_final, mha_final)
 print(f"chapter 03 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
 
 # %% [markdown]

@@ -2278,6 +2278,7 @@ saved_to = ledger.save()
 # %%
 assert mtp_target_errors == 0 and count_ok
 assert max(cache_errors.values()) < 1e-4 and causal_leak < 1e-5 and causal_moves > 1e-3
+# Arithmetic on the published configs: the counter gives the papers' totals (an identity check of the counter).
 assert round(counts["DeepSeek-V3"][0] / 1e9) == 671 and round(counts["DeepSeek-V3"][1] / 1e9) == 37
 assert round(counts["DeepSeek-V2"][0] / 1e9) == 236 and round(counts["DeepSeek-V2"][1] / 1e9) == 21
 assert 0.97 < counted / formula < 1.03, (counted, formula)
@@ -2287,6 +2288,8 @@ if HAVE_TRANSFORMERS:
 for v in ("plain", "MTP"):
     assert runs[(v, RUN["seeds"][0])]["eval_loss"][0] > 4 and final[v].max() < 1.2, (v, final[v])
 assert np.mean(mtp_acc) > 0.3, mtp_acc
+# Training with the MTP objective lowers the main model's held-out loss (mean over the seeds).
+assert loss_gain > 0, final
 # Speculative decoding is exact, and the draft is accepted often enough to save forward passes.
 assert same_output == len(prompts)
 # Real checkpoints: the four released totals round to the papers'; dslib and transformers agree both ways.
@@ -2296,7 +2299,7 @@ if HAVE_TRANSFORMERS:
     assert max(max(e) for e in checkpoint_errors.values()) < 1e-4 and rule_changes > 0
     assert export["same_ids"] == export["same_text"] == len(export_prompts) and export["logit_error"] < 1e-4
 assert acceptance > 0.5 and tokens_per_forward > 1.4, (acceptance, tokens_per_forward)
-assert doc_agreement > 0.5, doc_agreement
+assert doc_agreement > 0.7, doc_agreement  # the draft agrees with the main model on most held-out positions
 print(f"chapter 04 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
 
 # %% [markdown]

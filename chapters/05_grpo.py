@@ -1783,7 +1783,8 @@ ledger.add("GRPO needs no value model: it saves the critic's memory and compute"
            "'obviates the need for additional value function approximation ... significantly reducing training "
            "resources' (DeepSeekMath, section 4.1)",
            f"training state (float32, Adam) {memory['GRPO'] / 1e6:.2f} MB vs PPO's {memory['PPO'] / 1e6:.2f} MB "
-           f"({memory_ratio:.0%}), counted from the models' tensors", memory_ratio < 0.6)
+           f"({memory_ratio:.0%}), counted from the models' tensors", None,
+           "arithmetic on the two set-ups' tensors (no critic, no critic's Adam state), not a measured saving")
 ledger.add("The group mean is a baseline like a critic's value",
            "the group's average reward replaces the value function as the baseline (section 4.1.1)",
            f"toy problem: GRPO's expected gradient coefficients correlate "
@@ -2060,14 +2061,14 @@ assert reward_agree and all(s == 0.0 for s in hostile_scores[:3])
 assert max(loss_errors.values()) < 1e-5, loss_errors
 assert k3_bias < 1e-5 and (kl["k3_min"] >= 0).all() and (kl["k1_negative"] > 0.05).any() and k2_bias > 0
 assert gc_error < 1e-5
-# GRPO must raise sampled accuracy by 10 points and the reward by 0.15 within the budget: the effect the chapter
+# GRPO must raise sampled accuracy by 25 points and the reward by 0.15 within the budget: the effect the chapter
 # is about, with a margin for seeds and thread counts.
-assert after["accuracy"] > base_sampled["accuracy"] + 0.1, (base_sampled["accuracy"], after["accuracy"])
+assert after["accuracy"] > base_sampled["accuracy"] + 0.25, (base_sampled["accuracy"], after["accuracy"])
 assert last > first + 0.15, (first, last)
 assert abs(np.mean(hist["loss"])) < 0.05 and max(hist["clip_frac"]) == 0.0  # mu = 1: loss near 0, no clipping
 assert equal_grad_norm < 1e-6 and rest_error < 1e-4
 assert bias_ratio > 5 and abs(token_weight["dr_grpo"][7] / token_weight["dr_grpo"][55] - 1) < 1e-6
-assert memory_ratio < 0.6
+assert memory_ratio < 0.6  # arithmetic (an identity of the set-ups' tensor counts), a guard on the counting code
 print(f"chapter 05 checks passed; {time.time() - CHAPTER_START:.0f} s since set-up")
 
 # %% [markdown]

@@ -1200,12 +1200,12 @@ assert passk_error < 1e-9 and cons_ok and aha_ok
 assert resume_diff == 0.0, resume_diff  # resuming continues to identical numbers
 assert len(r1z.checkpoints()) == len(evals) == SIZES["rl_steps"] // SIZES["every"] + 1
 # R1-Zero's three effects, with margin (the pre-study's seeds: +30 to +50 points, x1.7-1.9 length, x3 reflection).
-assert pass1_gain > 0.15, (base_m["pass@1"], r1z_m["pass@1"])
-assert length_ratio > 1.25 and reflection_ratio > 1.6, (length_ratio, reflection_ratio)
+assert pass1_gain > 0.25, (base_m["pass@1"], r1z_m["pass@1"])
+assert length_ratio > 1.4 and reflection_ratio > 2, (length_ratio, reflection_ratio)
 assert base_m["aha_response"] > 0.05  # the base model already corrects itself (the epoch-0 control)
 assert r1z_m["cons@k"] > r1z_m["pass@1"] and base_m["cons@k"] > base_m["pass@1"]
 assert gap[0] > 0.2 and gap[-1] < gap[0] / 2, gap  # RL sharpens: the base catches up at large k
-assert maj_small > 0.05, maj  # a small vote gains from RL
+assert maj_small > 0.2, maj  # a small vote gains from RL
 assert refl_up and steps_win and refl_gap > 0.3  # the corpus decides which route RL amplifies
 assert mix_acc["steps mix"][1] > mix_acc["steps mix"][0] + 0.15  # and accuracy rises either way
 assert base_m["by_style"]["reflects"]["accuracy"] > base_m["by_style"]["bare"]["accuracy"] + 0.3  # the reliable route

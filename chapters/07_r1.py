@@ -163,9 +163,10 @@ draw_stages()
 # (`07 plus 35 is 42`). So far every *problem* was stated in symbols, so the language of the reasoning had nothing to
 # be consistent with. Chapter 07 adds the missing half: `WorldConfig(prompt_en_rate=0.5)` states half the problems in
 # words, and a worked solution of a worded problem reasons in words with probability `en_prompt_consistency` (0.8);
-# the rest switch to symbols or mix. Problems in symbols reason in symbols, with 3% in words and 3% switching part-way.
-# The base model of this chapter is pretrained on that corpus with chapter 00's recipe; its context is 128 tokens,
-# because a worded problem with a worded solution runs to 112.
+# the rest switch to symbols or mix. Problems in symbols mostly reason in symbols, with a few in words or switching
+# part-way (the cell below counts each share in this corpus). The base model of this chapter is pretrained on that
+# corpus with chapter 00's recipe; its context is 128 tokens, which must hold the longest document (worded problems
+# with worded solutions are the longest; the cell below prints the length).
 
 # %%
 print(world)
@@ -1338,7 +1339,7 @@ assert r1_m["by_language"]["en"]["prompt_language_share"] > 0.9  # R1 keeps it
 assert r1z_m["pass@1"] > base_m["pass@1"] + 0.2  # RL works (chapter 06's effect, on the bilingual base)
 assert abs(gap_sym) < 0.1, gap_sym  # on problems in symbols, R1 and R1-Zero are on par
 assert sft_keep > -0.05, sft_keep  # rejection-sampled SFT of the base keeps stage 2's accuracy
-assert s_m[1]["pass@1"] > base_m["pass@1"] + 0.05  # the cold start lifts the start of RL
+assert s_m[1]["pass@1"] > base_m["pass@1"] + 0.05  # stage 1, the cold-start SFT, raises pass@1 before RL
 assert slowed > 0.1, slowed  # the consistency reward slows the drift of stage 2 from the base
 assert share_at("R1 stage 2 (from the cold start)", end) > 0.9  # the cold start holds the language through RL
 no_cs = abl["without cold_start"]["by_language"]["en"]["prompt_language_share"]
