@@ -108,7 +108,8 @@ class Preset:
 
     def capped(self, max_steps: int | None) -> "Preset":
         """The same models with every training stage cut to at most max_steps steps and every sampled set to at most
-        16 problems: a smoke test of a preset (shapes, configs, devices), not a run that learns."""
+        16 problems (4 per language held out): a smoke test of a preset (shapes, configs, devices), not a run that
+        learns."""
         if max_steps is None:
             return self
         cap = lambda n: max(1, min(n, max_steps))  # noqa: E731
@@ -132,7 +133,7 @@ class Preset:
                        student_rl=grpo(self.student_rl, 30),
                        checkpoint_every=cap(self.checkpoint_every), distill_problems=few(self.distill_problems),
                        distill_non_reasoning=max(48, min(self.distill_non_reasoning, 64)),
-                       eval_problems=min(self.eval_problems, 8), hf_check=4)
+                       eval_problems=min(self.eval_problems, 4), hf_check=4)
 
 
 _V3_MINI = dict(hidden_size=96, intermediate_size=256, moe_intermediate_size=48, num_hidden_layers=4,
@@ -493,9 +494,12 @@ def stage_students(ctx: "_Run") -> dict:
     if not data["texts"]:
         raise CapstoneError("no distillation data: the R1 teacher kept no sample (none right, readable and in the "
                             "prompt's language) and the preset asks for no non-reasoning data")
+    summary["teacher_data"]["seconds_this_session"] = time.time() - t0
     for size in p.students:
         sub = folder / size
         name = f"student-{size}"
+        seconds: dict[str, float] = {}  # what each part took in this session (0 when done in an earlier one)
+        t_part = time.time()
         # Its own base: pretrained alone on the same corpus.
         base_dir = sub / "base"
         if _done(base_dir) is None:
@@ -513,6 +517,7 @@ def stage_students(ctx: "_Run") -> dict:
                                                      "final_train_loss": hist["loss"][-1]})
             ctx.sync()
         base = load_model(base_dir / "final", ctx.device)
+        seconds["base"], t_part = time.time() - t_part, time.time()
         # Distilled: SFT of its base on the teacher's kept samples.
         dist_dir = sub / "distill"
         if _done(dist_dir) is None:
@@ -523,6 +528,7 @@ def stage_students(ctx: "_Run") -> dict:
             if ctx.main:
                 _save_final(dist_dir, student, {"steps": dc.steps, "texts": len(data["texts"])})
             ctx.sync()
+        seconds["distill"], t_part = time.time() - t_part, time.time()
         # RL alone: its base grown by its own GRPO run, R1-Zero's rewards.
         rl_dir = sub / "rl"
         if _done(rl_dir) is None:
@@ -531,7 +537,9 @@ def stage_students(ctx: "_Run") -> dict:
             if ctx.main:
                 _save_final(rl_dir, tr.model, {"steps": tr.config.steps, **_grpo_summary(tr.history)})
         ctx.sync()
-        summary["sizes"][size] = {"parameters": base.num_params(), "rl": _done(rl_dir)}
+        seconds["rl"] = time.time() - t_part
+        summary["sizes"][size] = {"parameters": base.num_params(), "rl": _done(rl_dir),
+                                  "seconds_this_session": seconds}
     summary["seconds_this_session"] = time.time() - t0
     if ctx.main:
         from dslib.checkpoint import atomic_write_text
@@ -780,8 +788,15 @@ def report_markdown(metrics: dict, plots: Sequence[str]) -> str:
         lines.append("")
     times = metrics.get("seconds", {})
     if times:
-        lines += ["## Time", "", "| stage | seconds (this session) |", "|---|---|"]
+        lines += ["## Time", "", "| stage | seconds (every session) |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in times.items()] + [""]
+        st = metrics.get("stages", {}).get("students", {})
+        parts = [("the teacher's samples", st.get("teacher_data", {}).get("seconds_this_session"))]
+        parts += [(f"student {size}: {part}", t) for size, d in st.get("sizes", {}).items()
+                  for part, t in d.get("seconds_this_session", {}).items()]
+        if any(t is not None for _, t in parts):
+            lines += ["The students stage by part (seconds, its last session):", "", "| part | seconds |", "|---|---|"]
+            lines += [f"| {part} | {t:.0f} |" for part, t in parts if t is not None] + [""]
     for pl in plots:
         lines += [f"![{pl}]({pl})", ""]
     return "\n".join(lines)
@@ -1180,8 +1195,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the losses of the stages that train on fixed shapes (pretraining, SFT, "
-                        "distillation; not the GRPO rollouts), with BACKEND (default inductor). It pays on a GPU; "
-                        "on a CPU the compile time outweighs the gain at the small preset")
+                        "distillation; not the GRPO rollouts), with BACKEND (default inductor). Meant for long runs "
+                        "on a GPU; compiling costs time at the start of each stage, so time it first with --max-steps")
     return p
 
 

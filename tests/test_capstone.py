@@ -85,6 +85,10 @@ def test_the_folder_holds_everything_the_report_promises(tiny_run: Path):
         assert (tiny_run / png).stat().st_size > 5000, png
     md = (tiny_run / "report.md").read_text()
     assert "| student-S-distill |" in md and "![models.png](models.png)" in md
+    # The students stage's time by part, in metrics.json and in the report's time table.
+    parts = metrics["stages"]["students"]["sizes"]["S"]["seconds_this_session"]
+    assert set(parts) == {"base", "distill", "rl"} and all(t >= 0 for t in parts.values())
+    assert "| student S: base |" in md and "| the teacher's samples |" in md
     page = (tiny_run / "report.html").read_text()
     assert page.count("<table>") == md.count("\n|---") and '<img alt="models.png" src="models.png">' in page
 
