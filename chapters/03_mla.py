@@ -1972,10 +1972,21 @@ saved_to = ledger.save()  # _build/ledger/03.json: `python -m dslib.book ledger`
 #    and MQA are <code>race_cache</code> and <code>final_loss</code> from section 3.</details>
 #    <details><summary>Solution</summary>
 #
-#    Train each width as in exercise 3, collect `final[(rank, seed)] = tr.fit(progress=False)["eval_loss"][-1]`, then
+#    Train each width as in exercise 3 and keep each run's final held-out loss, then plot:
 #
 #    ```python
-#    ranks = (8, 16, 32, 64)
+#    ranks, final = (8, 16, 32, 64), {}
+#    for rank in ranks:
+#        for seed in RACE["seeds"]:
+#            torch.manual_seed(seed)
+#            model_k = MLATransformer(MLATransformerConfig(
+#                vocab_size=V, d_model=d, n_layer=RACE["n_layer"], n_head=H, kv_lora_rank=rank,
+#                qk_nope_head_dim=dh, qk_rope_head_dim=dh // 2, v_head_dim=dh, max_seq_len=128))
+#            data_k = PackedData([doc.text for doc in world.corpus()], tok, SEQ_LEN, RACE["batch"], seed=seed)
+#            tr = Trainer(model_k, data_k, TrainConfig(
+#                steps=RACE["steps"], lr=3e-3, warmup_steps=30, schedule="cosine", eval_every=RACE["steps"] // 5,
+#                seed=seed), eval_batches=valid, device=device)
+#            final[(rank, seed)] = tr.fit(progress=False)["eval_loss"][-1]
 #    plt.plot([r + dh // 2 for r in ranks], [np.mean([final[(r, s)] for s in RACE["seeds"]]) for r in ranks],
 #             "o-", color=colours["MLA"], label="MLA")
 #    for k in ("MHA", "GQA", "MQA"):

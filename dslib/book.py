@@ -26,6 +26,8 @@ notebook tooling (jupytext, nbformat, nbclient) is imported only by the commands
 from __future__ import annotations
 
 import argparse
+import ast
+import builtins
 import html
 import json
 import os
@@ -563,6 +565,8 @@ def _check_chapter(book: Book, chapter: Chapter) -> list[str]:
                         f"{chapter.notebook} is out of sync with {chapter.source} ({difference}): "
                         f"run `jupytext --sync {chapter.source}`"
                     )
+    if source.is_file():
+        problems += solution_problems(book, chapter)
     return problems
 
 
@@ -572,7 +576,8 @@ def check(root: Path | str | None = None) -> list[str]:
     Looks for: a manifest that does not validate or names missing files; generated modules that are missing or differ
     from what their chapter exports; export directives that do not match the manifest; a chapter whose .py and .ipynb
     differ, or whose notebook stores outputs where a commit would keep them (the staged copy in a git checkout, the file
-    itself elsewhere); a chapter source without the repository address; and generated modules that no chapter owns any
+    itself elsewhere); a chapter source without the repository address; worked solutions that read names nothing
+    defines or import names the package lacks (solution_problems); and generated modules that no chapter owns any
     more.
     """
     try:
@@ -699,6 +704,74 @@ def run_solutions(chapter: str, namespace: dict[str, Any], numbers: Sequence[int
                                    f"{type(err).__name__}: {err}") from err
         seconds[n] = time.perf_counter() - start
     return seconds
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name that code binds anywhere (assignments, loop and with targets, defs, classes, imports, arguments,
+    except clauses), at any depth: generous on purpose, so that a check built on it names only true strays."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def _module_names(book: Book, module: str) -> set[str] | None:
+    """The names a dslib module binds (read from its source, not imported); None when it has no source file."""
+    parts = module.split(".")
+    if parts[0] != book.package:
+        return None
+    path = book.root.joinpath(*parts).with_suffix(".py")
+    if not path.is_file():
+        path = book.root.joinpath(*parts, "__init__.py")
+    if not path.is_file():
+        return None
+    return _bound_names(ast.parse(path.read_text(encoding="utf-8")))
+
+
+def solution_problems(book: Book, chapter: Chapter) -> list[str]:
+    """A static check of every worked solution with code, above all those the chapter does not run: each block must
+    parse, each name it reads must be bound by the solution itself, an earlier solution, the chapter's code or Python,
+    and each name it imports from the package must exist there. It catches a solution left behind by a renamed function or
+    variable; what it cannot see (a wrong attribute, a wrong result) is for the solutions a chapter runs."""
+    text = (book.root / chapter.source).read_text(encoding="utf-8")
+    defined = set(dir(builtins))
+    for cell in parse_cells(text):
+        if cell.kind == "code":
+            try:
+                defined |= _bound_names(ast.parse("\n".join(cell.lines)))
+            except SyntaxError:
+                continue  # not Python the checker can read; the chapter's own run catches real errors
+    problems = []
+    for ex in exercises(text):  # a solution may build on an earlier one's (exercise 7: "train_mtp from exercise 1")
+        for block in ex.code:
+            where = f"{chapter.source}: the solution of exercise {ex.number}"
+            try:
+                tree = ast.parse(block)
+            except SyntaxError as err:
+                problems.append(f"{where} is not valid Python (line {err.lineno}: {err.msg})")
+                continue
+            defined |= _bound_names(tree)
+            stray = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+                           - defined)
+            if stray:
+                problems.append(f"{where} reads {', '.join(stray)}, which neither it nor the chapter defines")
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = _module_names(book, node.module)
+                    missing = [a.name for a in node.names if names is not None and a.name not in names]
+                    if missing:
+                        problems.append(f"{where} imports {', '.join(missing)} from {node.module}, which has no "
+                                        f"such name")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -565,3 +565,68 @@ def test_run_solutions_runs_the_code_and_names_a_failing_exercise(root: Path) ->
         run_solutions("07", namespace, (3,))
     with pytest.raises(BookError, match="exercise 2 has no solution with Python code"):
         run_solutions("07", namespace, (2,))
+
+
+def test_solution_problems_name_stray_names_and_missing_imports(root: Path) -> None:
+    """The static check of worked solutions: names that nothing binds and imports the package lacks are named, with
+    their exercise; names from the chapter's code, from an earlier solution or from Python are not."""
+    from dslib.book import check, load_book, solution_problems
+
+    export(root)  # dslib/alpha.py now defines one()
+    chapter = SOURCE + '''
+# %% [markdown]
+# ## Exercises
+#
+# 1. ★ **Good.** Uses the chapter and Python.
+#
+#    <details><summary>Hint</summary>None.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    from dslib.alpha import one
+#    kept = [scratch + one() + len(str(i)) for i in range(2)]
+#    ```
+#    </details>
+#
+# 2. ★ **Builds on 1.** Reads what exercise 1 bound.
+#
+#    <details><summary>Hint</summary>None.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    print(sum(kept))
+#    ```
+#    </details>
+#
+# 3. ★ **Stale.** A renamed variable and a function that is gone.
+#
+#    <details><summary>Hint</summary>None.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    from dslib.alpha import one, gone
+#    print(scratch_old + one())
+#    ```
+#    </details>
+#
+# 4. ★ **Broken.** Not Python.
+#
+#    <details><summary>Hint</summary>None.</details>
+#    <details><summary>Solution</summary>
+#
+#    ```python
+#    print((
+#    ```
+#    </details>
+'''
+    source = root / "chapters" / "07_demo.py"
+    source.write_text(chapter)
+    write_notebook(source)
+    book = load_book(root)
+    found = solution_problems(book, book.chapter("07"))
+    assert found[:2] == [
+        "chapters/07_demo.py: the solution of exercise 3 reads scratch_old, which neither it nor the chapter defines",
+        "chapters/07_demo.py: the solution of exercise 3 imports gone from dslib.alpha, which has no such name"]
+    assert len(found) == 3 and found[2].startswith("chapters/07_demo.py: the solution of exercise 4 is not valid "
+                                                   "Python (line 1: ")  # the message itself is Python's
+    assert set(found) <= set(check(root))  # `python -m dslib.book check` reports them
