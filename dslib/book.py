@@ -29,6 +29,7 @@ import argparse
 import ast
 import builtins
 import html
+import inspect
 import json
 import os
 import re
@@ -706,16 +707,17 @@ def run_solutions(chapter: str, namespace: dict[str, Any], numbers: Sequence[int
     return seconds
 
 
-def _bound_names(tree: ast.AST) -> set[str]:
-    """Every name that code binds anywhere (assignments, loop and with targets, defs, classes, imports, arguments,
-    except clauses), at any depth: generous on purpose, so that a check built on it names only true strays."""
+def _bound_names(tree: ast.AST, imports: bool = True) -> set[str]:
+    """Every name that code binds anywhere (assignments, loop and with targets, defs, classes, imports unless
+    imports=False, arguments, except clauses), at any depth: generous on purpose, so that a check built on it names
+    only true strays."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
             names.add(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and imports:
             names.update(a.asname or a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.arg):
             names.add(node.arg)
@@ -740,8 +742,9 @@ def _module_names(book: Book, module: str) -> set[str] | None:
 def solution_problems(book: Book, chapter: Chapter) -> list[str]:
     """A static check of every worked solution with code, above all those the chapter does not run: each block must
     parse, each name it reads must be bound by the solution itself, an earlier solution, the chapter's code or Python,
-    and each name it imports from the package must exist there. It catches a solution left behind by a renamed function or
-    variable; what it cannot see (a wrong attribute, a wrong result) is for the solutions a chapter runs."""
+    and each name it imports from the package must exist there. It catches a solution left behind by a renamed
+    function or variable, and reads no file but the chapter's and the package's sources; solution_call_problems
+    checks the calls against the package itself."""
     text = (book.root / chapter.source).read_text(encoding="utf-8")
     defined = set(dir(builtins))
     for cell in parse_cells(text):
@@ -771,6 +774,91 @@ def solution_problems(book: Book, chapter: Chapter) -> list[str]:
                     if missing:
                         problems.append(f"{where} imports {', '.join(missing)} from {node.module}, which has no "
                                         f"such name")
+    return problems
+
+
+def _imported_objects(trees: Iterable[ast.AST]) -> dict[str, Any]:
+    """The objects that the top-level imports of `trees` bind, imported for real; an import that fails is skipped."""
+    namespace: dict[str, Any] = {}
+    for tree in trees:
+        for node in getattr(tree, "body", []):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                try:
+                    exec(compile(ast.Module(body=[node], type_ignores=[]), "<imports>", "exec"), namespace)
+                except Exception:  # noqa: BLE001 - an optional package; the chapter's own run reports it
+                    continue
+    namespace.pop("__builtins__", None)
+    return namespace
+
+
+def _call_problem(fn: Any, call: ast.Call) -> str | None:
+    """What is wrong with calling fn as `call` does (a keyword it has no parameter for, too many positional
+    arguments), judged on its signature alone; None when the call fits or the signature cannot be read."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    kinds = [p.kind for p in sig.parameters.values()]
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        accepted = {name for name, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        unknown = [kw.arg for kw in call.keywords if kw.arg is not None and kw.arg not in accepted]
+        if unknown:
+            return f"passes {', '.join(unknown)}, which it has no parameter for"
+    starred = any(isinstance(a, ast.Starred) for a in call.args)
+    if inspect.Parameter.VAR_POSITIONAL not in kinds and not starred:
+        positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in sig.parameters.values())
+        if len(call.args) > positional:
+            return f"passes {len(call.args)} positional arguments, and it takes at most {positional}"
+    return None
+
+
+def solution_call_problems(book: Book, chapter: Chapter) -> list[str]:
+    """The worked solutions' calls checked against the package itself (so it imports what the chapter imports): a
+    call of an imported function or class, or of a module's attribute (`capstone.run`), whose keywords or number of
+    positional arguments its signature refuses, and an attribute a module lacks. Names that the chapter or the
+    solution rebinds are left alone. For the solutions a chapter does not run, this is the nearest check to running
+    them."""
+    text = (book.root / chapter.source).read_text(encoding="utf-8")
+    cells, rebound = [], set()
+    for cell in parse_cells(text):
+        if cell.kind == "code":
+            try:
+                cells.append(ast.parse("\n".join(cell.lines)))
+            except SyntaxError:
+                continue
+    for tree in cells:
+        rebound |= _bound_names(tree, imports=False)
+    problems = []
+    for ex in exercises(text):
+        for block in ex.code:
+            try:
+                tree = ast.parse(block)
+            except SyntaxError:
+                continue  # solution_problems names it
+            where = f"{chapter.source}: the solution of exercise {ex.number}"
+            objects = {k: v for k, v in _imported_objects(cells + [tree]).items() if k not in rebound}
+            local = _bound_names(tree, imports=False)
+            objects = {k: v for k, v in objects.items() if k not in local}
+            for node in ast.walk(tree):
+                target, label = None, None
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                        and inspect.ismodule(objects.get(node.value.id)):
+                    module = objects[node.value.id]
+                    if not hasattr(module, node.attr):
+                        problems.append(f"{where} reads {node.value.id}.{node.attr}, which {module.__name__} lacks")
+                    continue
+                if not isinstance(node, ast.Call):
+                    continue
+                if isinstance(node.func, ast.Name) and node.func.id in objects:
+                    target, label = objects[node.func.id], node.func.id
+                elif isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) \
+                        and inspect.ismodule(objects.get(node.func.value.id)):
+                    target = getattr(objects[node.func.value.id], node.func.attr, None)
+                    label = f"{node.func.value.id}.{node.func.attr}"
+                if target is not None and callable(target):
+                    wrong = _call_problem(target, node)
+                    if wrong:
+                        problems.append(f"{where} calls {label} (line {node.lineno}) and {wrong}")
     return problems
 
 

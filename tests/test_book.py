@@ -630,3 +630,40 @@ def test_solution_problems_name_stray_names_and_missing_imports(root: Path) -> N
     assert len(found) == 3 and found[2].startswith("chapters/07_demo.py: the solution of exercise 4 is not valid "
                                                    "Python (line 1: ")  # the message itself is Python's
     assert set(found) <= set(check(root))  # `python -m dslib.book check` reports them
+
+
+def test_solution_call_problems_check_calls_against_the_package(root: Path) -> None:
+    """Solutions' calls of imported functions and classes, and of modules' attributes, are checked against their
+    signatures: an unknown keyword, too many positional arguments and a missing module attribute are named; calls
+    that fit, and names the solution rebinds, are not."""
+    from dslib.book import load_book, solution_call_problems
+
+    def solution(n: int, code: str) -> str:
+        body = "\n".join(f"#    {line}" for line in code.splitlines())
+        return (f"# {n}. ★ **Call {n}.**\n#\n#    <details><summary>Hint</summary>None.</details>\n"
+                f"#    <details><summary>Solution</summary>\n#\n#    ```python\n{body}\n#    ```\n#    </details>\n#\n")
+
+    chapter = SOURCE + "\n# %%\nimport json\nfrom dslib.grpo import GRPOConfig\n\n# %% [markdown]\n# ## Exercises\n#\n"
+    chapter += solution(1, "c = GRPOConfig(steps=3, seed=0)\nprint(json.dumps({}, indent=1))")
+    chapter += solution(2, "c = GRPOConfig(stepz=3)\njson.dumps({}, 1, 2)\njson.dumpz({})")
+    chapter += solution(3, "def GRPOConfig(**kw):\n    return kw\nGRPOConfig(anything=1)")
+    source = root / "chapters" / "07_demo.py"
+    source.write_text(chapter)
+    book = load_book(root)
+    found = solution_call_problems(book, book.chapter("07"))
+    assert sorted(found) == sorted([
+        "chapters/07_demo.py: the solution of exercise 2 calls GRPOConfig (line 1) and passes stepz, which it has no "
+        "parameter for",
+        "chapters/07_demo.py: the solution of exercise 2 calls json.dumps (line 2) and passes 3 positional arguments, "
+        "and it takes at most 1",
+        "chapters/07_demo.py: the solution of exercise 2 reads json.dumpz, which json lacks"])
+
+
+def test_every_worked_solution_fits_the_package():
+    """Every chapter's worked solutions, read against dslib itself: each call of an imported function or class fits
+    its signature, each module attribute exists (the solutions that train are not run by the tests; this is what
+    keeps them from going stale)."""
+    from dslib.book import load_book, solution_call_problems
+
+    book = load_book()
+    assert [p for c in book.chapters for p in solution_call_problems(book, c)] == []
