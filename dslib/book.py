@@ -726,6 +726,19 @@ def _bound_names(tree: ast.AST, imports: bool = True) -> set[str]:
     return names
 
 
+def _code_trees(text: str) -> list[ast.Module]:
+    """The syntax trees of a chapter's code cells; a cell that is not Python the checker can read is left out (the
+    chapter's own run catches real errors)."""
+    trees = []
+    for cell in parse_cells(text):
+        if cell.kind == "code":
+            try:
+                trees.append(ast.parse("\n".join(cell.lines)))
+            except SyntaxError:
+                continue
+    return trees
+
+
 def _module_names(book: Book, module: str) -> set[str] | None:
     """The names a dslib module binds (read from its source, not imported); None when it has no source file."""
     parts = module.split(".")
@@ -746,13 +759,7 @@ def solution_problems(book: Book, chapter: Chapter) -> list[str]:
     function or variable, and reads no file but the chapter's and the package's sources; solution_call_problems
     checks the calls against the package itself."""
     text = (book.root / chapter.source).read_text(encoding="utf-8")
-    defined = set(dir(builtins))
-    for cell in parse_cells(text):
-        if cell.kind == "code":
-            try:
-                defined |= _bound_names(ast.parse("\n".join(cell.lines)))
-            except SyntaxError:
-                continue  # not Python the checker can read; the chapter's own run catches real errors
+    defined = set(dir(builtins)).union(*(_bound_names(tree) for tree in _code_trees(text)))
     problems = []
     for ex in exercises(text):  # a solution may build on an earlier one's (exercise 7: "train_mtp from exercise 1")
         for block in ex.code:
@@ -819,15 +826,9 @@ def solution_call_problems(book: Book, chapter: Chapter) -> list[str]:
     solution rebinds are left alone. For the solutions a chapter does not run, this is the nearest check to running
     them."""
     text = (book.root / chapter.source).read_text(encoding="utf-8")
-    cells, rebound = [], set()
-    for cell in parse_cells(text):
-        if cell.kind == "code":
-            try:
-                cells.append(ast.parse("\n".join(cell.lines)))
-            except SyntaxError:
-                continue
-    for tree in cells:
-        rebound |= _bound_names(tree, imports=False)
+    cells = _code_trees(text)
+    rebound = set().union(*(_bound_names(tree, imports=False) for tree in cells))
+    chapter_objects = _imported_objects(cells)  # once: each solution adds only its own imports
     problems = []
     for ex in exercises(text):
         for block in ex.code:
@@ -836,9 +837,8 @@ def solution_call_problems(book: Book, chapter: Chapter) -> list[str]:
             except SyntaxError:
                 continue  # solution_problems names it
             where = f"{chapter.source}: the solution of exercise {ex.number}"
-            objects = {k: v for k, v in _imported_objects(cells + [tree]).items() if k not in rebound}
-            local = _bound_names(tree, imports=False)
-            objects = {k: v for k, v in objects.items() if k not in local}
+            skip = rebound | _bound_names(tree, imports=False)
+            objects = {k: v for k, v in {**chapter_objects, **_imported_objects([tree])}.items() if k not in skip}
             for node in ast.walk(tree):
                 target, label = None, None
                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
