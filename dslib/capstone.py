@@ -23,6 +23,12 @@ Everything goes into one folder (`--out`):
     hf/<name>/          a transformers folder per evaluated model (AutoModelForCausalLM + AutoTokenizer)
     *.png, report.md, report.html
 
+On a CPU with two cores or more the run has two workers (`--workers 2`, the default there): a second process trains
+what needs no other stage's result, the students' own runs (each student's base and its RL), and then r1_zero once
+pretraining is done, while the first process pretrains, runs R1 and distils. The threads are shared evenly, and each
+part computes what it would compute alone, so the metrics equal those of `--workers 1` with the same threads per
+process. Small models use a second core poorly, so on 2 cores this takes about a fifth off the time.
+
 Under `torchrun --nproc_per_node N`, the training stages run data-parallel (dslib.distributed): every process takes
 1/N of each batch and of each GRPO step's prompts, the gradients are averaged, and the first process alone writes.
 
@@ -467,15 +473,48 @@ def _non_reasoning(world, n: int, seed: int) -> list[str]:
     return non_reasoning_texts(world, n, random.Random(f"non-reasoning-{seed}"))
 
 
-def stage_students(ctx: "_Run") -> dict:
-    from dslib.distill import DistillConfig, distill_sft, fresh_problems, teacher_data
+def _student_own(ctx: "_Run", size: str) -> None:
+    """A student's runs that need no teacher: its own base (the dense model pretrained alone on the same corpus) and
+    that base grown by its own GRPO run with R1-Zero's rewards (R1's Table 6). A part already done is skipped; each
+    part's done.json records the seconds it took. In a two-worker run the second process does this while the first
+    pretrains V3-mini."""
     from dslib.r1zero import r1zero_rewards
     from dslib.train import TrainConfig
     from dslib.transformer import Transformer
     from dslib.world import PackedData
 
+    p, world = ctx.preset, ctx.world
+    sub, name = ctx.stage_dir("students") / size, f"student-{size}"
+    base_dir, rl_dir = sub / "base", sub / "rl"
+    if _done(base_dir) is None:
+        t0 = time.time()
+        corpus = PackedData([d.text for d in world.corpus()], world.tokenizer, p.seq_len, p.batch, seed=ctx.seed)
+        torch.manual_seed(ctx.seed)
+        model = Transformer(student_config(p, size, world.tokenizer.vocab_size))
+        cfg = TrainConfig(steps=p.student_steps, lr=p.lr, warmup_steps=min(p.warmup_steps, p.student_steps - 1),
+                          schedule="cosine", eval_every=0, checkpoint_every=p.checkpoint_every, seed=ctx.seed)
+        tr = ctx.trainer(model, corpus, cfg, checkpoint_dir=base_dir / "train")
+        ctx.resume_stage(tr, f"{name}-base")
+        with ctx.autocast():
+            hist = tr.fit(progress=ctx.progress)
+        if ctx.main:
+            _save_final(base_dir, model.eval(), {"steps": p.student_steps, "parameters": model.num_params(),
+                                                 "final_train_loss": hist["loss"][-1], "seconds": time.time() - t0})
+        ctx.sync()
+    if _done(rl_dir) is None:
+        t0 = time.time()
+        tr = _run_grpo(ctx, load_model(base_dir / "final", ctx.device), rl_dir / "grpo",
+                       {"max_new_tokens": p.max_new_tokens, **p.student_rl}, r1zero_rewards(), f"{name}-rl")
+        if ctx.main:
+            _save_final(rl_dir, tr.model, {"steps": tr.config.steps, **_grpo_summary(tr.history),
+                                           "seconds": time.time() - t0})
+    ctx.sync()
+
+
+def stage_students(ctx: "_Run") -> dict:
+    from dslib.distill import DistillConfig, distill_sft, fresh_problems, teacher_data
+
     p, world, folder = ctx.preset, ctx.world, ctx.stage_dir("students")
-    tok = world.tokenizer
     summary: dict[str, Any] = {"sizes": {}}
     t0 = time.time()
     cache = folder / "teacher_data.json"
@@ -497,49 +536,24 @@ def stage_students(ctx: "_Run") -> dict:
     summary["teacher_data"]["seconds_this_session"] = time.time() - t0
     for size in p.students:
         sub = folder / size
-        name = f"student-{size}"
-        seconds: dict[str, float] = {}  # what each part took in this session (0 when done in an earlier one)
-        t_part = time.time()
-        # Its own base: pretrained alone on the same corpus.
-        base_dir = sub / "base"
-        if _done(base_dir) is None:
-            corpus = PackedData([d.text for d in world.corpus()], tok, p.seq_len, p.batch, seed=ctx.seed)
-            torch.manual_seed(ctx.seed)
-            model = Transformer(student_config(p, size, tok.vocab_size))
-            cfg = TrainConfig(steps=p.student_steps, lr=p.lr, warmup_steps=min(p.warmup_steps, p.student_steps - 1),
-                              schedule="cosine", eval_every=0, checkpoint_every=p.checkpoint_every, seed=ctx.seed)
-            tr = ctx.trainer(model, corpus, cfg, checkpoint_dir=base_dir / "train")
-            ctx.resume_stage(tr, f"{name}-base")
-            with ctx.autocast():
-                hist = tr.fit(progress=ctx.progress)
-            if ctx.main:
-                _save_final(base_dir, model.eval(), {"steps": p.student_steps, "parameters": model.num_params(),
-                                                     "final_train_loss": hist["loss"][-1]})
-            ctx.sync()
-        base = load_model(base_dir / "final", ctx.device)
-        seconds["base"], t_part = time.time() - t_part, time.time()
+        _student_own(ctx, size)  # its base and its RL (done already where the second worker ran them)
         # Distilled: SFT of its base on the teacher's kept samples.
         dist_dir = sub / "distill"
         if _done(dist_dir) is None:
+            t_part = time.time()
             dc = DistillConfig(**{**p.distill, "seq_len": p.seq_len, "seed": ctx.seed})
             with ctx.autocast():
-                student = distill_sft(base, data["texts"], world, dc, dist_dir / "train", progress=ctx.progress,
-                                      trainers=ctx.trainers())
+                student = distill_sft(load_model(sub / "base" / "final", ctx.device), data["texts"], world, dc,
+                                      dist_dir / "train", progress=ctx.progress, trainers=ctx.trainers())
             if ctx.main:
-                _save_final(dist_dir, student, {"steps": dc.steps, "texts": len(data["texts"])})
+                _save_final(dist_dir, student, {"steps": dc.steps, "texts": len(data["texts"]),
+                                                "seconds": time.time() - t_part})
             ctx.sync()
-        seconds["distill"], t_part = time.time() - t_part, time.time()
-        # RL alone: its base grown by its own GRPO run, R1-Zero's rewards.
-        rl_dir = sub / "rl"
-        if _done(rl_dir) is None:
-            tr = _run_grpo(ctx, base, rl_dir / "grpo", {"max_new_tokens": p.max_new_tokens, **p.student_rl},
-                           r1zero_rewards(), f"{name}-rl")
-            if ctx.main:
-                _save_final(rl_dir, tr.model, {"steps": tr.config.steps, **_grpo_summary(tr.history)})
-        ctx.sync()
-        seconds["rl"] = time.time() - t_part
-        summary["sizes"][size] = {"parameters": base.num_params(), "rl": _done(rl_dir),
-                                  "seconds_this_session": seconds}
+        base = _done(sub / "base")
+        summary["sizes"][size] = {"parameters": base["parameters"], "rl": _done(sub / "rl"),
+                                  # what each part took when it ran (in this session or an earlier one)
+                                  "seconds": {part: (_done(sub / part) or {}).get("seconds")
+                                              for part in ("base", "distill", "rl")}}
     summary["seconds_this_session"] = time.time() - t0
     if ctx.main:
         from dslib.checkpoint import atomic_write_text
@@ -737,6 +751,21 @@ def _plots(metrics: dict, out: Path) -> list[str]:
         ax.set(ylabel="held-out accuracy", ylim=(0, 1), title="Every model on the same held-out problems")
         ax.legend()
         save(fig, "models.png")
+    sessions = metrics.get("run", {}).get("sessions", [])
+    spans = sessions[-1].get("timeline", []) if sessions else []
+    if spans:  # who ran what, when, in the last session
+        fig, ax = subplots(1, figsize=(11, 2.2))
+        colours = {}
+        for s in spans:
+            c = colours.setdefault(s["what"].split("'")[0], f"C{len(colours)}")
+            ax.barh(s["worker"], s["end"] - s["start"], left=s["start"], color=c, edgecolor="k", height=0.6)
+            ax.text((s["start"] + s["end"]) / 2, s["worker"], s["what"], ha="center", va="center", fontsize=8,
+                    rotation=90 if s["end"] - s["start"] < 0.06 * max(x["end"] for x in spans) else 0)
+        workers = sorted({s["worker"] for s in spans})
+        ax.set_yticks(workers, [f"worker {w}" for w in workers])
+        ax.set_ylim(max(workers) + 0.6, 0.4)
+        ax.set(xlabel="seconds since the session started", title="Who ran what, when (the last session)")
+        save(fig, "timeline.png")
     return written
 
 
@@ -754,9 +783,12 @@ def _fmt(v) -> str:
 def report_markdown(metrics: dict, plots: Sequence[str]) -> str:
     """The report card as Markdown, every figure read from metrics."""
     ev, stages, info = metrics.get("eval", {}), metrics.get("stages", {}), metrics.get("run", {})
+    workers = (info.get("sessions") or [{}])[-1].get("workers", 1)
     lines = ["# DeepSeek from Scratch: capstone report card", "",
              f"Preset `{info.get('preset')}`, seed {info.get('seed')}, device {info.get('device')}, "
-             f"{info.get('threads')} CPU threads, torch {info.get('torch')}, dslib {info.get('dslib')}.", ""]
+             + (f"2 workers of {info.get('threads')} CPU thread(s) each" if workers == 2 else
+                f"{info.get('threads')} CPU threads")
+             + f", torch {info.get('torch')}, dslib {info.get('dslib')}.", ""]
     pre = stages.get("pretrain")
     if pre:
         tps = pre.get("tokens_per_second")
@@ -788,14 +820,21 @@ def report_markdown(metrics: dict, plots: Sequence[str]) -> str:
         lines.append("")
     times = metrics.get("seconds", {})
     if times:
-        lines += ["## Time", "", "| stage | seconds (every session) |", "|---|---|"]
+        wall = info.get("wall_seconds")
+        lines += ["## Time", ""]
+        if wall is not None:
+            lines += [f"Wall clock up to this report, every session: {wall:.0f} s ({wall / 60:.1f} min)."
+                      + (" r1_zero and the students' own runs (each base and its RL) ran in a second worker, beside "
+                         "the other stages (`timeline.png`)." if workers == 2 else ""), ""]
+        lines += ["| stage | seconds (every session) |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in times.items()] + [""]
         st = metrics.get("stages", {}).get("students", {})
         parts = [("the teacher's samples", st.get("teacher_data", {}).get("seconds_this_session"))]
         parts += [(f"student {size}: {part}", t) for size, d in st.get("sizes", {}).items()
-                  for part, t in d.get("seconds_this_session", {}).items()]
+                  for part, t in d.get("seconds", {}).items()]
         if any(t is not None for _, t in parts):
-            lines += ["The students stage by part (seconds, its last session):", "", "| part | seconds |", "|---|---|"]
+            lines += ["The students stage by part (seconds, when each part ran):", "", "| part | seconds |",
+                      "|---|---|"]
             lines += [f"| {part} | {t:.0f} |" for part, t in parts if t is not None] + [""]
     for pl in plots:
         lines += [f"![{pl}]({pl})", ""]
@@ -852,6 +891,146 @@ def stage_report(ctx: "_Run") -> dict:
 _DATA_PARALLEL = ("pretrain", "r1_zero", "r1", "students")
 _STAGE_FNS: dict[str, Callable] = {"pretrain": stage_pretrain, "r1_zero": stage_r1_zero, "r1": stage_r1,
                                    "students": stage_students, "eval": stage_eval, "report": stage_report}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two workers on a CPU: what needs no other stage's result runs beside the stages that do
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The second worker's jobs, in the order it runs them: the students' own runs (each student's base and its RL need no
+# teacher), then the r1_zero stage (once pretraining is done), while the first process pretrains, runs R1 and distils.
+_SECOND_JOBS = ("students", "r1_zero")
+
+
+def _die_with_parent() -> None:
+    """End this process when the process that started it dies (a crash or a kill of the run): on Linux at once
+    (prctl's PR_SET_PDEATHSIG); elsewhere a thread checks the parent every second."""
+    import ctypes
+    import ctypes.util
+    import threading
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _second_worker(conn, out: str, preset: Preset, seed: int, compile: str | None, threads: int,
+                   jobs: tuple[str, ...]) -> None:
+    """The second process of a two-worker run. Each finished job is reported through conn as (job, start, end, line);
+    a failure as ("error", message, traceback). It runs r1_zero after the first process sends "pretrain done"."""
+    import traceback
+
+    from dslib import keep_freed_memory
+
+    os.setpgrp()  # a Ctrl-C in the terminal reaches the first process, which passes it on once
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    try:
+        ctx = _Run(Path(out), preset, seed, torch.device("cpu"), progress=False, resume=True, compile=compile)
+        if "students" in jobs:
+            t0 = time.time()
+            for size in preset.students:
+                _student_own(ctx, size)
+            conn.send(("students", t0, time.time(), _own_line(ctx)))
+        if "r1_zero" in jobs:
+            if conn.recv() != "pretrain done":
+                return
+            t0 = time.time()
+            result = stage_r1_zero(ctx)
+            conn.send(("r1_zero", t0, time.time(), _one_line("r1_zero", result)))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):  # stopped by the first process, or it is gone
+        return
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the first process, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc(), isinstance(e, CapstoneError)))
+
+
+def _own_line(ctx: "_Run") -> str:
+    """One line on the students' own runs: each base's final training loss and its RL's last training accuracy."""
+    parts = []
+    for size in ctx.preset.students:
+        base, rl = (_done(ctx.stage_dir("students") / size / part) or {} for part in ("base", "rl"))
+        acc = rl.get("accuracy") or [float("nan")]
+        parts.append(f"student {size}: base loss {base.get('final_train_loss', float('nan')):.3f}, RL accuracy "
+                     f"{acc[0]:.1%} -> {acc[-1]:.1%}")
+    return "; ".join(parts)
+
+
+class _SecondWorker:
+    """The first process's handle on the second worker: start it, tell it when pretraining is done, wait for its jobs,
+    and stop it (Ctrl-C, an error) so that it saves its checkpoints as a run on its own would."""
+
+    def __init__(self, out: Path, preset: Preset, seed: int, compile: str | None, threads: int,
+                 jobs: Sequence[str]):
+        import multiprocessing
+
+        mp = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked PyTorch thread pools
+        self.conn, child = mp.Pipe()
+        self.jobs, self.finished = tuple(jobs), {}
+        self.process = mp.Process(target=_second_worker, name="capstone-second-worker", daemon=True,
+                                  args=(child, str(out), preset, seed, compile, threads, self.jobs))
+        self.process.start()
+        child.close()
+        self.told = False
+
+    def pretrain_done(self) -> None:
+        if "r1_zero" in self.jobs and not self.told:
+            self.conn.send("pretrain done")
+            self.told = True
+
+    def _receive(self) -> None:
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            missing = [j for j in self.jobs if j not in self.finished]
+            raise CapstoneError(f"the second worker ended (exit code {self.process.exitcode}) before it finished "
+                                f"{', '.join(missing)}; its checkpoints are kept: continue with --resume") from None
+        if msg[0] == "error":
+            _, message, trace, known = msg
+            if known:
+                raise CapstoneError(message)
+            raise RuntimeError(f"the second worker failed: {message}\n--- its traceback ---\n{trace}")
+        self.finished[msg[0]] = msg[1:]
+
+    def wait(self, job: str) -> tuple[float, float, str]:
+        """Block until the second worker has finished job: (its start, its end (time.time()), a one-line summary)."""
+        while job not in self.finished:
+            self._receive()
+        return self.finished[job]
+
+    def ready(self) -> list[str]:
+        """The jobs finished so far, without blocking."""
+        while len(self.finished) < len(self.jobs) and self.conn.poll():
+            self._receive()
+        return list(self.finished)
+
+    def stop(self) -> None:
+        """Interrupt the worker as Ctrl-C would (its trainers save their checkpoints) and wait for it."""
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGINT)
+            self.process.join(120)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(10)
+        self.conn.close()
+
+    def close(self) -> None:
+        self.process.join(60)
+        self.conn.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1018,12 +1197,15 @@ def _save_record(out: Path, record: dict) -> None:
 
 def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stages: Sequence[str] | None = None,
         resume: bool = False, device: str | None = None, max_steps: int | None = None, progress: bool = True,
-        threads: int | None = None, compile: str | None = None) -> dict:
+        threads: int | None = None, compile: str | None = None, workers: int | None = None) -> dict:
     """Run the capstone (or the stages named) into `out` and return metrics.json's content.
 
     preset: "small" (a CPU), "full" (one GPU), "tiny" (seconds: tests), or a Preset. max_steps caps every training
     stage (to smoke-test a preset). resume: continue the run in `out` (same preset and seed). compile: a
-    torch.compile backend ("inductor", ...) for the losses of the fixed-shape training stages, or None (eager)."""
+    torch.compile backend ("inductor", ...) for the losses of the fixed-shape training stages, or None (eager).
+    threads: CPU threads for the whole run (default: PyTorch's), shared evenly by its workers. workers: 2 runs the
+    students' own runs and then r1_zero in a second process beside pretrain, r1 and the distillation (CPU only; the
+    default on a CPU with 2 cores or more, in one process); 1 runs every stage in turn."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise CapstoneError(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
@@ -1049,15 +1231,29 @@ def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stage
             raise CapstoneError("--device cuda: CUDA is not available on this machine")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise CapstoneError(f"--threads {threads!r} is invalid: a positive int is required")
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if workers is None:
+        workers = 2 if dev.type == "cpu" and not torchrun and (os.cpu_count() or 1) >= 2 else 1
+    if workers not in (1, 2) or isinstance(workers, bool):
+        raise CapstoneError(f"--workers {workers!r} is invalid: 1 or 2")
+    if workers == 2 and (dev.type != "cpu" or torchrun):
+        raise CapstoneError("--workers 2 runs two processes side by side on the CPU; on a GPU, or under torchrun, "
+                            "use --workers 1")
     group = _join_processes(dev, preset)
     if group is not None and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # Each worker gets an equal share of the threads, whether or not the second one has work left: the same
+    # arithmetic in an uninterrupted run and in a resumed one.
+    torch.set_num_threads(max(1, (threads or previous_threads) // workers))
+    from dslib import keep_freed_memory
+
+    keep_freed_memory()  # freed activations are reused, not unmapped and faulted in again at every step
     out = Path(out).expanduser()
     try:
-        return _run(out, preset, seed, stages, resume, dev, progress, group, compile)
+        return _run(out, preset, seed, stages, resume, dev, progress, group, compile, workers)
     except CheckpointError as e:
         raise CapstoneError(f"{e}; nothing was overwritten (start again into a new --out, or remove the damaged "
                             f"stage folder and --resume)") from None
@@ -1098,12 +1294,14 @@ def _join_processes(dev: torch.device, preset: Preset):
 
 
 def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, dev: torch.device,
-         progress: bool, group=None, compile: str | None = None) -> dict:
+         progress: bool, group=None, compile: str | None = None, workers: int = 1) -> dict:
+    started = time.time()
     ctx = _Run(out, preset, seed, dev, progress, resume, group, compile)
     if ctx.main:  # under torchrun, the first process checks and writes the folder; the others follow it
         fresh = _run_record(preset, seed, dev, group)
         record = _prepare_out(out, fresh, resume)
-        session = {**{k: fresh[k] for k in ("device", "processes", "threads", "torch", "dslib")}, "compile": compile}
+        session = {**{k: fresh[k] for k in ("device", "processes", "threads", "torch", "dslib")}, "compile": compile,
+                   "workers": workers}
         record["sessions"] = record.get("sessions", []) + [session]  # each start or resume, where it ran
         for stage in stages:
             missing = [n for n in _NEEDS[stage] if n not in record["stages_done"] and n not in stages]
@@ -1115,30 +1313,76 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
     ctx.sync()
     if not ctx.main:
         record = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        if stage in record["stages_done"] and stage != "report":
-            if ctx.main:
-                _say(f"[{stage}] done earlier: loaded")
-            continue
-        if ctx.main:
-            _say(f"[{stage}] starting")
-        t0 = time.time()
-        if ctx.main or stage in _DATA_PARALLEL:
-            result = _STAGE_FNS[stage](ctx)
-        ctx.sync()
-        seconds = time.time() - t0
-        if not ctx.main:
-            continue
-        record["seconds"][stage] = record["seconds"].get(stage, 0.0) + seconds
-        if stage not in record["stages_done"]:
-            record["stages_done"].append(stage)
+    wall_before = record.get("wall_seconds", 0.0)
+    timeline = record["sessions"][-1].setdefault("timeline", []) if ctx.main else []
+
+    def finished(what: str, start: float, line: str, worker: int = 1, end: float | None = None) -> None:
+        """The first process records a finished stage (or the second worker's part of one) and when it ran."""
+        end = time.time() if end is None else end
+        timeline.append({"what": what, "worker": worker, "start": start - started, "end": end - started})
+        record["wall_seconds"] = wall_before + time.time() - started
+        if what in STAGES:
+            record["seconds"][what] = record["seconds"].get(what, 0.0) + end - start
+            if what not in record["stages_done"]:
+                record["stages_done"].append(what)
         _save_record(out, record)
-        _say(f"[{stage}] done in {seconds:.0f} s: {_one_line(stage, result)}")
+        if what not in STAGES:
+            _say(f"[{what}] done in {end - start:.0f} s in the second worker: {line}")
+            return
+        _say(f"[{what}] done in {end - start:.0f} s{' (in the second worker)' if worker == 2 else ''}: {line}")
         from dslib.checkpoint import atomic_write_text
 
         atomic_write_text(out / "metrics.json", json.dumps(ctx.metrics(), indent=1, default=_json_default) + "\n")
+
+    second = None
+    jobs = [j for j in _SECOND_JOBS if j in stages and j not in record["stages_done"]]
+    if workers == 2 and jobs and any(s in stages and s not in record["stages_done"] for s in ("pretrain", "r1")):
+        second = _SecondWorker(out, preset, seed, compile, torch.get_num_threads(), jobs)
+        _say(f"[{' and '.join(jobs)}] in a second worker, beside the other stages "
+             f"({torch.get_num_threads()} thread(s) each)")
+
+    def collect_r1_zero(block: bool) -> None:
+        if second is not None and "r1_zero" in second.jobs and "r1_zero" not in record["stages_done"] \
+                and (block or "r1_zero" in second.ready()):
+            start, end, line = second.wait("r1_zero")
+            finished("r1_zero", start, line, worker=2, end=end)
+
+    try:
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            if stage in record["stages_done"] and stage != "report":
+                if ctx.main:
+                    _say(f"[{stage}] done earlier: loaded")
+                if stage == "pretrain" and second is not None:
+                    second.pretrain_done()
+                continue
+            if second is not None and stage in second.jobs:
+                if stage == "students":  # its own runs are the second worker's; the distillation is ours
+                    start, end, line = second.wait("students")
+                    finished("students' own runs", start, line, worker=2, end=end)
+                else:  # r1_zero: collected when it is done
+                    continue
+            if stage == "eval":
+                collect_r1_zero(block=True)
+            if ctx.main:
+                _say(f"[{stage}] starting")
+            t0 = time.time()
+            if ctx.main or stage in _DATA_PARALLEL:
+                result = _STAGE_FNS[stage](ctx)
+            ctx.sync()
+            if ctx.main:
+                finished(stage, t0, _one_line(stage, result))
+            if stage == "pretrain" and second is not None:
+                second.pretrain_done()
+            collect_r1_zero(block=False)
+        collect_r1_zero(block=True)
+    except BaseException:
+        if second is not None:
+            second.stop()
+        raise
+    if second is not None:
+        second.close()
     return ctx.metrics() if ctx.main else {}
 
 
@@ -1191,7 +1435,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the seed of every stage (default 0)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every training stage at this many steps (a "
                    "quick check that a preset runs on this machine)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the run, shared evenly by its workers "
+                   "(default: PyTorch's)")
+    p.add_argument("--workers", type=int, default=None, choices=(1, 2),
+                   help="2: a second process trains the students' own bases and RL runs, then R1-Zero, beside "
+                        "pretraining, R1 and the distillation (on 2 cores this takes about a fifth off the time); "
+                        "1: one stage after another. Default: 2 on a CPU with 2 cores or more, 1 on a GPU or under "
+                        "torchrun")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the losses of the stages that train on fixed shapes (pretraining, SFT, "
@@ -1210,7 +1460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # handled as Ctrl-C
     try:
         run(args.out, preset, seed=args.seed, stages=stages, resume=args.resume, device=args.device,
-                      max_steps=args.max_steps, progress=not args.quiet, threads=args.threads, compile=args.compile)
+            max_steps=args.max_steps, progress=not args.quiet, threads=args.threads, compile=args.compile,
+            workers=args.workers)
     except CapstoneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

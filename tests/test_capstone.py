@@ -57,7 +57,7 @@ def _comparable(metrics: dict) -> dict:
 def tiny_run(tmp_path_factory) -> Path:
     """One uninterrupted tiny run, in a subprocess, as a reader would start it."""
     out = tmp_path_factory.mktemp("capstone") / "run"
-    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1")
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--workers", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "report card:" in r.stdout
     for stage in STAGES:
@@ -81,13 +81,13 @@ def test_the_folder_holds_everything_the_report_promises(tiny_run: Path):
     pre = metrics["stages"]["pretrain"]
     assert pre["steps"] == PRESETS["tiny"].pretrain_steps == len(pre["loss"])
     assert pre["parameters_mtp"] > pre["parameters"]  # the MTP module was built and counted
-    for png in ("pretraining.png", "r1_zero.png", "models.png"):
+    for png in ("pretraining.png", "r1_zero.png", "models.png", "timeline.png"):
         assert (tiny_run / png).stat().st_size > 5000, png
     md = (tiny_run / "report.md").read_text()
     assert "| student-S-distill |" in md and "![models.png](models.png)" in md
     # The students stage's time by part, in metrics.json and in the report's time table.
-    parts = metrics["stages"]["students"]["sizes"]["S"]["seconds_this_session"]
-    assert set(parts) == {"base", "distill", "rl"} and all(t >= 0 for t in parts.values())
+    parts = metrics["stages"]["students"]["sizes"]["S"]["seconds"]
+    assert set(parts) == {"base", "distill", "rl"} and all(t > 0 for t in parts.values())
     assert "| student S: base |" in md and "| the teacher's samples |" in md
     page = (tiny_run / "report.html").read_text()
     assert page.count("<table>") == md.count("\n|---") and '<img alt="models.png" src="models.png">' in page
@@ -114,6 +114,38 @@ def test_exported_folders_decode_in_transformers_as_dslib_does(tiny_run: Path):
             assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == mine.replace("<eos>", ""), name
 
 
+def test_two_workers_compute_what_one_worker_does(tiny_run: Path, tmp_path: Path):
+    """--workers 2 (the fixture's run) moves the students' own runs and r1_zero into a second process; with the same
+    threads per process, every weight and every metric equals a run of one stage after another."""
+    out = tmp_path / "one"
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--workers", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "second worker" not in r.stdout and "second worker" in (tiny_run / "report.md").read_text()
+    one, two = (json.loads((o / "run.json").read_text()) for o in (out, tiny_run))
+    assert (one["sessions"][-1]["workers"], two["sessions"][-1]["workers"]) == (1, 2)
+    assert one["threads"] == two["threads"] == 1
+    assert _comparable(json.loads((out / "metrics.json").read_text())) == \
+        _comparable(json.loads((tiny_run / "metrics.json").read_text()))
+    mine, ref = _finals(out), _finals(tiny_run)
+    assert sorted(mine) == sorted(ref)
+    for stage in ref:
+        assert all(torch.equal(mine[stage][k], ref[stage][k]) for k in ref[stage]), stage
+    assert set(two["seconds"]) == set(STAGES) and two["wall_seconds"] > 0
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux's /proc; empty elsewhere)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_a_run_stopped_mid_stage_resumes_to_the_same_result(tiny_run: Path, tmp_path: Path, how: str):
     """Stop a run once the pretraining's first checkpoint exists (a crash: SIGKILL; Ctrl-C: SIGINT), then resume:
@@ -121,23 +153,32 @@ def test_a_run_stopped_mid_stage_resumes_to_the_same_result(tiny_run: Path, tmp_
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "dslib", "capstone", "--preset", "tiny", "--out", str(out),
-                             "--quiet", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+                             "--quiet", "--threads", "1", "--workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     ckpt = out / "stages" / "pretrain" / "train" / "trainer.safetensors"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be stopped"
+    workers = _children(proc.pid)  # the second worker (and multiprocessing's resource tracker)
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=120)
     if how == "SIGINT":
         assert proc.returncode == 130 and "--resume" in err, err[-2000:]
     else:
         assert proc.returncode == -signal.SIGKILL
+    if Path("/proc").is_dir():
+        assert workers, "no second worker was running"
+        deadline = time.time() + 10  # a killed run takes its second worker with it; a stopped one waits for it
+        while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2:3]
+                  for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2:3]
+                       for w in workers), "the second worker outlived the run"
     assert not (out / "stages" / "pretrain" / "done.json").exists()  # stopped inside the stage
     again = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1")
     assert again.returncode == 2 and "--resume" in again.stderr  # refused without --resume
-    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--resume")
+    r = _cli("--preset", "tiny", "--out", str(out), "--quiet", "--threads", "1", "--workers", "2", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pretrain: resumed at step" in r.stdout
     assert _comparable(json.loads((out / "metrics.json").read_text())) == \
@@ -216,6 +257,10 @@ def test_bad_options_and_folders_are_refused_before_anything_is_written(tiny_run
         capstone.run(tmp_path / "a", "tiny", seed=-1)
     with pytest.raises(CapstoneError, match="--compile 'turbo' is not a torch.compile backend"):
         capstone.run(tmp_path / "a", "tiny", compile="turbo")
+    with pytest.raises(CapstoneError, match="--workers 3 is invalid"):
+        capstone.run(tmp_path / "a", "tiny", workers=3)
+    with pytest.raises(CapstoneError, match="--threads 0 is invalid"):
+        capstone.run(tmp_path / "a", "tiny", threads=0)
     with pytest.raises(CapstoneError, match="needs pretrain first"):
         capstone.run(tmp_path / "b", "tiny", stages=["r1_zero"], progress=False)
     assert not (tmp_path / "a").exists()
@@ -241,9 +286,11 @@ def test_bad_options_and_folders_are_refused_before_anything_is_written(tiny_run
     assert (tiny_run / "run.json").read_text() == stamp
     r = _cli("--preset", "enormous")
     assert r.returncode == 2 and "invalid choice: 'enormous'" in r.stderr
+    r = _cli("--workers", "4")
+    assert r.returncode == 2 and "invalid choice: 4" in r.stderr
     r = _cli("--help")
     assert r.returncode == 0 and all(opt in r.stdout for opt in ("--preset", "--out", "--resume", "--stages",
-                                                                  "--device", "--seed", "--max-steps"))
+                                                                  "--device", "--seed", "--max-steps", "--workers"))
 
 
 def test_the_full_preset_runs_two_steps_of_every_stage_on_the_cpu(tmp_path: Path):
