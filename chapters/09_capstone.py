@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -39,7 +39,7 @@
 #
 # **What you need.** Chapters 00-08: this chapter explains the plumbing, the earlier ones the ideas. `transformers`
 # (installed on Colab; `pip install -e ".[dev]"` elsewhere) for the exported folders. **How long.** About a minute
-# on 2 CPU cores; the `small` run you start yourself takes about a quarter of an hour, `full` about an hour on a GPU.
+# on 2 CPU cores; the `small` run you start yourself takes about 12 minutes there, `full` about an hour on a GPU.
 #
 # **Papers.** DeepSeek-V3 (arXiv 2412.19437), sections 2.1-2.2 (the architecture) and 5.4.3 (MTP as a draft);
 # DeepSeek-R1 (arXiv 2501.12948), sections 2.2-2.4 (R1-Zero, the four stages, distillation) and 4.1 (distillation
@@ -179,7 +179,7 @@ draw_pipeline()
 #
 # | path | what it holds |
 # |---|---|
-# | `run.json` | what this run is: preset, seed, a hash of both, the stages done, seconds per stage. A folder that holds another run is refused |
+# | `run.json` | what this run is: preset, seed, a hash of both, the stages done, seconds per stage, and per session where it ran and when each part ran (`timeline`). A folder that holds another run is refused |
 # | `stages/<stage>/` | the checkpoints of each stage (every `checkpoint_every` steps and at its end, written atomically), `final/` (the model) and `done.json` (its figures). `--resume` continues from them |
 # | `heldout.jsonl` | the exact prompts every model was evaluated on, with their answers and languages |
 # | `metrics.json` | per stage its figures; `eval`: per model its measures; the preset in full |
@@ -213,12 +213,28 @@ for row in heldout[:3]:
 
 # %% [markdown]
 # The report card is Markdown, written from `metrics.json` and nothing else, so it can be read on GitHub, in an
-# editor or here (`report.html` is the same page for a browser). Its plots sit next to it; one of them follows.
+# editor or here (`report.html` is the same page for a browser). Its plots sit next to it; two of them follow: the
+# pretraining curves, and the run's timeline, which says which process ran what and when.
+#
+# The timeline has two rows because a CPU run has **two workers** when the machine has two cores or more. Models
+# this small use a second core poorly: their matrix products are too small to split well across threads. So two
+# processes of one thread each can get more done than one process of two (`benchmarks/capstone_workers.py` measures
+# it on your machine). The second worker takes what needs no other
+# stage's result: each student's own base and its RL run, and then R1-Zero, as soon as pretraining has finished. The
+# first worker meanwhile pretrains V3-mini, runs R1 and distils the students. Each part is seeded on its own and
+# runs on the same number of threads either way, so `--workers 1` gives the same weights, bit for bit; the test suite
+# checks that on this preset.
 
 # %%
 report_md = (RUN_A / "report.md").read_text(encoding="utf-8")
 display(Markdown("\n".join(line for line in report_md.splitlines() if not line.startswith("!["))))
 display(Image(filename=str(RUN_A / "pretraining.png")))
+spans = json.loads((RUN_A / "run.json").read_text())["sessions"][-1].get("timeline", [])
+for w in sorted({s["worker"] for s in spans}):
+    print(f"worker {w}: " + ", ".join(f"{s['what']} {s['start']:.1f}-{s['end']:.1f} s" for s in spans
+                                      if s["worker"] == w))
+if (RUN_A / "timeline.png").is_file():
+    display(Image(filename=str(RUN_A / "timeline.png")))
 
 # %% [markdown]
 # What did this run do? The sentences below are computed from its numbers. Two comparisons go beyond the report:
@@ -410,7 +426,7 @@ print(f"all {len(attempts)} refused: {len(refusals) == len(attempts)}; nothing w
 #
 # ## 4. Running `small` on a laptop and `full` on a GPU
 #
-# **On a laptop** (any recent CPU; the preset is sized for about a quarter of an hour on 2 cores):
+# **On a laptop** (any recent CPU; the preset is sized for about 12 minutes on 2 cores, with two workers):
 #
 # ```bash
 # pip install -e ".[dev]"                                   # once, in the course repository
@@ -445,6 +461,11 @@ print(f"all {len(attempts)} refused: {len(refusals) == len(attempts)}; nothing w
 # the same rejection samples, since they are seeded by the config alone), the students' pretraining, distillation
 # and RL. The teacher's samples, the evaluation and the report run on the first, and it alone writes to `--out`. The
 # batches and the GRPO prompts per step must divide by the number of processes (the command says which does not).
+#
+# **Workers.** On a CPU the run has two workers by default (`--workers 2`; on a GPU and under `torchrun`, one): the
+# second runs the students' own bases and RL runs, then R1-Zero, beside the first, and `timeline.png` shows who ran
+# what. `--threads N` is the run's whole budget of threads, shared evenly by the workers. `--workers 1` runs one stage
+# after another; with the same threads per worker it gives the same weights.
 #
 # **Compiling.** `--compile` runs the losses of the fixed-shape training stages (pretraining, SFT, distillation)
 # through `torch.compile` (inductor by default; `--compile aot_eager` and the other backends too). The rollouts and

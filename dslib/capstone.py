@@ -1422,7 +1422,7 @@ def parser() -> argparse.ArgumentParser:
     import dslib
 
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="model and run sizes: small (a laptop CPU, about 15 minutes on 2 cores), full (one GPU), "
+                   help="model and run sizes: small (a laptop CPU, about 12 minutes on 2 cores), full (one GPU), "
                         f"tiny (seconds, nothing is learnt: a smoke test). Default: dslib.scale(), now "
                         f"{dslib.scale()!r}")
     p.add_argument("--out", default="capstone-run", help="the run's folder (default: capstone-run); a folder that "
