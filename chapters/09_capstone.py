@@ -754,8 +754,11 @@ assert sorted(metrics["eval"]) == sorted(names) and metrics["run"]["stages_done"
 report_md = (RUN_A / "report.md").read_text(encoding="utf-8")
 for name in names:  # every model evaluated, exported and in the report
     assert (RUN_A / "hf" / name / "config.json").is_file() and f"| {name} |" in report_md, name
-for f in ("run.json", "heldout.jsonl", "metrics.json", "report.md", "report.html", "pretraining.png", "models.png"):
+for f in ("run.json", "heldout.jsonl", "metrics.json", "report.md", "report.html", "pretraining.png", "models.png",
+          "timeline.png"):
     assert (RUN_A / f).is_file(), f
+if metrics["run"]["sessions"][-1]["workers"] == 2:  # the second worker ran what needs no other stage, and only that
+    assert {s["what"] for s in spans if s["worker"] == 2} == {"r1_zero", "students' own runs"}, spans
 assert len(heldout) == metrics["heldout"] == 2 * TINY.eval_problems
 assert stopped_mid_stage and resumed_at is not None and resumed_at < TINY.pretrain_steps  # killed inside the stage
 assert "pretrain" in resume_checked and all(resume_checked.values()), resume_equal  # resumed to the same weights

@@ -823,7 +823,8 @@ def report_markdown(metrics: dict, plots: Sequence[str]) -> str:
         wall = info.get("wall_seconds")
         lines += ["## Time", ""]
         if wall is not None:
-            lines += [f"Wall clock up to this report, every session: {wall:.0f} s ({wall / 60:.1f} min)."
+            lines += [f"Wall clock up to this report, every session: {wall:.0f} s ({wall / 60:.1f} min; a killed "
+                      f"session counts up to the last stage it finished)."
                       + (" r1_zero and the students' own runs (each base and its RL) ran in a second worker, beside "
                          "the other stages (`timeline.png`)." if workers == 2 else ""), ""]
         lines += ["| stage | seconds (every session) |", "|---|---|"]
@@ -1323,8 +1324,8 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
         record["wall_seconds"] = wall_before + time.time() - started
         if what in STAGES:
             record["seconds"][what] = record["seconds"].get(what, 0.0) + end - start
-            if what not in record["stages_done"]:
-                record["stages_done"].append(what)
+            if what not in record["stages_done"]:  # in the pipeline's order, whichever worker finished first
+                record["stages_done"] = [s for s in STAGES if s in record["stages_done"] or s == what]
         _save_record(out, record)
         if what not in STAGES:
             _say(f"[{what}] done in {end - start:.0f} s in the second worker: {line}")
@@ -1380,6 +1381,9 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
     except BaseException:
         if second is not None:
             second.stop()
+        if ctx.main:  # the time of an interrupted session counts too (a killed one's, up to its last stage)
+            record["wall_seconds"] = wall_before + time.time() - started
+            _save_record(out, record)
         raise
     if second is not None:
         second.close()
