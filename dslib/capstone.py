@@ -1205,8 +1205,8 @@ def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stage
     stage (to smoke-test a preset). resume: continue the run in `out` (same preset and seed). compile: a
     torch.compile backend ("inductor", ...) for the losses of the fixed-shape training stages, or None (eager).
     threads: CPU threads for the whole run (default: PyTorch's), shared evenly by its workers. workers: 2 runs the
-    students' own runs and then r1_zero in a second process beside pretrain, r1 and the distillation (CPU only; the
-    default on a CPU with 2 cores or more, in one process); 1 runs every stage in turn."""
+    students' own runs and then r1_zero in a second process beside pretrain, r1 and the distillation (CPU only, Linux
+    or macOS; the default there with 2 cores or more, in one process); 1 runs every stage in turn."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise CapstoneError(f"--preset {preset!r} is not one of {sorted(PRESETS)}")
@@ -1236,12 +1236,13 @@ def run(out: str | Path, preset: str | Preset = "small", *, seed: int = 0, stage
         raise CapstoneError(f"--threads {threads!r} is invalid: a positive int is required")
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if workers is None:
-        workers = 2 if dev.type == "cpu" and not torchrun and (os.cpu_count() or 1) >= 2 else 1
+        two_cores = (os.cpu_count() or 1) >= 2
+        workers = 2 if dev.type == "cpu" and not torchrun and two_cores and os.name == "posix" else 1
     if workers not in (1, 2) or isinstance(workers, bool):
         raise CapstoneError(f"--workers {workers!r} is invalid: 1 or 2")
-    if workers == 2 and (dev.type != "cpu" or torchrun):
-        raise CapstoneError("--workers 2 runs two processes side by side on the CPU; on a GPU, or under torchrun, "
-                            "use --workers 1")
+    if workers == 2 and (dev.type != "cpu" or torchrun or os.name != "posix"):
+        raise CapstoneError("--workers 2 runs two processes side by side on the CPU of a Linux or macOS machine; on a "
+                            "GPU, under torchrun or on Windows, use --workers 1")
     group = _join_processes(dev, preset)
     if group is not None and dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -1444,8 +1445,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, choices=(1, 2),
                    help="2: a second process trains the students' own bases and RL runs, then R1-Zero, beside "
                         "pretraining, R1 and the distillation (on 2 cores this takes about a fifth off the time); "
-                        "1: one stage after another. Default: 2 on a CPU with 2 cores or more, 1 on a GPU or under "
-                        "torchrun")
+                        "1: one stage after another. Default: 2 on a Linux or macOS CPU with 2 cores or more, 1 on a "
+                        "GPU, under torchrun or on Windows")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the losses of the stages that train on fixed shapes (pretraining, SFT, "
