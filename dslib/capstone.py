@@ -23,7 +23,7 @@ Everything goes into one folder (`--out`):
     hf/<name>/          a transformers folder per evaluated model (AutoModelForCausalLM + AutoTokenizer)
     *.png, report.md, report.html
 
-On a CPU with two cores or more the run has two workers (`--workers 2`, the default there): a second process trains
+On a Linux or macOS CPU with two cores or more the run has two workers (`--workers 2`, the default there): a second process trains
 what needs no other stage's result, the students' own runs (each student's base and its RL), and then r1_zero once
 pretraining is done, while the first process pretrains, runs R1 and distils. The threads are shared evenly, and each
 part computes what it would compute alone, so the metrics equal those of `--workers 1` with the same threads per
@@ -549,11 +549,10 @@ def stage_students(ctx: "_Run") -> dict:
                 _save_final(dist_dir, student, {"steps": dc.steps, "texts": len(data["texts"]),
                                                 "seconds": time.time() - t_part})
             ctx.sync()
-        base = _done(sub / "base")
-        summary["sizes"][size] = {"parameters": base["parameters"], "rl": _done(sub / "rl"),
+        parts = {part: _done(sub / part) or {} for part in ("base", "distill", "rl")}
+        summary["sizes"][size] = {"parameters": parts["base"]["parameters"], "rl": parts["rl"],
                                   # what each part took when it ran (in this session or an earlier one)
-                                  "seconds": {part: (_done(sub / part) or {}).get("seconds")
-                                              for part in ("base", "distill", "rl")}}
+                                  "seconds": {part: d.get("seconds") for part, d in parts.items()}}
     summary["seconds_this_session"] = time.time() - t0
     if ctx.main:
         from dslib.checkpoint import atomic_write_text
@@ -755,12 +754,12 @@ def _plots(metrics: dict, out: Path) -> list[str]:
     spans = sessions[-1].get("timeline", []) if sessions else []
     if spans:  # who ran what, when, in the last session
         fig, ax = subplots(1, figsize=(11, 2.2))
-        colours = {}
+        colours, longest = {}, max(s["end"] for s in spans)
         for s in spans:
             c = colours.setdefault(s["what"].split("'")[0], f"C{len(colours)}")
             ax.barh(s["worker"], s["end"] - s["start"], left=s["start"], color=c, edgecolor="k", height=0.6)
             ax.text((s["start"] + s["end"]) / 2, s["worker"], s["what"], ha="center", va="center", fontsize=8,
-                    rotation=90 if s["end"] - s["start"] < 0.06 * max(x["end"] for x in spans) else 0)
+                    rotation=90 if s["end"] - s["start"] < 0.06 * longest else 0)
         workers = sorted({s["worker"] for s in spans})
         ax.set_yticks(workers, [f"worker {w}" for w in workers])
         ax.set_ylim(max(workers) + 0.6, 0.4)
@@ -1318,20 +1317,22 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
     wall_before = record.get("wall_seconds", 0.0)
     timeline = record["sessions"][-1].setdefault("timeline", []) if ctx.main else []
 
+    def save_record() -> None:  # with this session's wall clock so far
+        record["wall_seconds"] = wall_before + time.time() - started
+        _save_record(out, record)
+
     def finished(what: str, start: float, line: str, worker: int = 1, end: float | None = None) -> None:
         """The first process records a finished stage (or the second worker's part of one) and when it ran."""
         end = time.time() if end is None else end
         timeline.append({"what": what, "worker": worker, "start": start - started, "end": end - started})
-        record["wall_seconds"] = wall_before + time.time() - started
         if what in STAGES:
             record["seconds"][what] = record["seconds"].get(what, 0.0) + end - start
             if what not in record["stages_done"]:  # in the pipeline's order, whichever worker finished first
                 record["stages_done"] = [s for s in STAGES if s in record["stages_done"] or s == what]
-        _save_record(out, record)
+        save_record()
+        _say(f"[{what}] done in {end - start:.0f} s{' in the second worker' if worker == 2 else ''}: {line}")
         if what not in STAGES:
-            _say(f"[{what}] done in {end - start:.0f} s in the second worker: {line}")
             return
-        _say(f"[{what}] done in {end - start:.0f} s{' (in the second worker)' if worker == 2 else ''}: {line}")
         from dslib.checkpoint import atomic_write_text
 
         atomic_write_text(out / "metrics.json", json.dumps(ctx.metrics(), indent=1, default=_json_default) + "\n")
@@ -1383,8 +1384,7 @@ def _run(out: Path, preset: Preset, seed: int, stages: list[str], resume: bool, 
         if second is not None:
             second.stop()
         if ctx.main:  # the time of an interrupted session counts too (a killed one's, up to its last stage)
-            record["wall_seconds"] = wall_before + time.time() - started
-            _save_record(out, record)
+            save_record()
         raise
     if second is not None:
         second.close()
