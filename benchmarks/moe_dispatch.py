@@ -12,6 +12,11 @@ forward + backward:
   at this shape, and is left out);
 - for scale: the slow per-token reference, forward only, on 1/16 of the tokens and scaled up.
 
+It also times the matrix products alone, with nothing around them: the MoE layer's six grouped products (gate and up
+fused, down, and the four of the backward pass, on the benchmark's own routing, as dslib.moe calls them) against the
+dense layer's nine (three forward, six backward). Both do the same multiply-adds, so their ratio is a floor for
+`moe time vs dense-equivalent` on this machine: what routing, gathering and scattering cost comes on top of it.
+
 Every MoE contender must give the same output (checked first). Contenders are timed in alternating rounds, and the
 median round counts. Prints times and ratios; the headline lines are `moe time vs dense-equivalent` (forward +
 backward, the training step's cost) and, last, our default dispatch against the fastest transformers implementation,
@@ -44,6 +49,45 @@ def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         for e, w in zip(r.indices[t].tolist(), r.weights[t].tolist()):
             out[t] += w * ex.expert(e, x[t])
     return out
+
+
+def products_floor(moe: MoE, dense: SwiGLU, x: torch.Tensor, rounds: int) -> tuple[float, float]:
+    """Median seconds of the MoE layer's grouped matrix products alone and of the dense layer's, forward and backward
+    (random operands of the right shapes; the MoE's blocks are the sizes its router gives x)."""
+    from dslib.moe import _per_expert, _weight_grads
+
+    ex = moe.experts
+    with torch.no_grad():
+        counts = torch.bincount(moe.gate(x).indices.reshape(-1), minlength=ex.n_experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    pairs, d, i = int(counts.sum()), x.shape[1], ex.down_proj.shape[2]
+    w_gu, down = torch.cat([ex.gate_proj, ex.up_proj], dim=1).detach(), ex.down_proj.detach()
+    xs, hw, g_out, g_gu = (torch.randn(pairs, w, device=x.device) for w in (d, i, d, 2 * i))
+    n, hidden = x.shape[0], dense.gate_proj.weight.shape[0]
+    w1, w3, w2 = (lin.weight.detach() for lin in (dense.gate_proj, dense.up_proj, dense.down_proj))
+    h, g_y, g_h = (torch.randn(n, w, device=x.device) for w in (hidden, d, hidden))
+
+    def moe_products():  # as ExpertProducts.forward and .backward call them
+        _per_expert(xs, w_gu, offs), _per_expert(hw, down, offs)
+        _weight_grads(g_out, hw, offs), _per_expert(g_out, down.transpose(1, 2), offs)
+        _weight_grads(g_gu, xs, offs), _per_expert(g_gu, w_gu.transpose(1, 2), offs)
+
+    def dense_products():  # three nn.Linear: forward, then each one's input and weight gradients
+        F.linear(x, w1), F.linear(x, w3), F.linear(h, w2)
+        g_y @ w2, g_y.t() @ h, g_h @ w1, g_h.t() @ x, g_h @ w3, g_h.t() @ x
+
+    seconds: dict[str, list[float]] = {"moe": [], "dense": []}
+    for r in range(rounds + 1):  # the first round warms up
+        for name, fn in (("moe", moe_products), ("dense", dense_products)):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                seconds[name].append(time.perf_counter() - t)
+    return statistics.median(seconds["moe"]), statistics.median(seconds["dense"])
 
 
 def main() -> None:
@@ -162,6 +206,10 @@ def main() -> None:
           f"{slow_seconds / med[(dense_name, 'forward')]:>12.1f}x")
     print("\ndslib MoE against the dense layer's time: "
           + ", ".join(f"{ph} {med[('dslib MoE', ph)] / med[(dense_name, ph)]:.2f}x" for ph in phases))
+    floor_moe, floor_dense = products_floor(moe, dense, x, args.rounds)
+    print(f"the matrix products alone (same multiply-adds): MoE's grouped {1000 * floor_moe:.1f} ms, dense "
+          f"{1000 * floor_dense:.1f} ms; expert products vs dense products: {floor_moe / floor_dense:.2f}x, the floor "
+          f"of the ratio below on this machine")
     print(f"moe time vs dense-equivalent: "
           f"{med[('dslib MoE', 'forward+backward')] / med[(dense_name, 'forward+backward')]:.2f}x")
     if hf_names:

@@ -11,12 +11,17 @@ runs: the dense base model (dslib.pretrained.BASE_RECIPE: width 96, 4 layers, 20
 and DeepSeek-V3-mini (chapter 04's V3Config at the world's vocabulary, one MTP module, V3's loss with lambda 0.3), on
 the same batches; printed as `tokens/s ...` lines before the headline.
 
+With --compile it also times dslib's step with the forward and loss under torch.compile (default backend), and prints
+how long the compilation took; it never enters the headline, which compares eager with eager.
+
     python benchmarks/v3_train_step.py [--batch 8] [--seq 128] [--hidden 128] [--layers 4] [--experts 16] [--topk 4]
+                                       [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -82,6 +87,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="also time dslib's step with torch.compile (the compilation takes about a minute on 2 cores)")
     args = p.parse_args()
     device = dslib.setup(seed=0, threads=args.threads)
     try:
@@ -127,11 +134,26 @@ def main() -> None:
         logits = reference(x).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
 
-    contenders = {"dslib": (ours, lambda: F.cross_entropy(ours(x).flatten(0, 1).float(), x.flatten()))}
+    def ours_loss():
+        return F.cross_entropy(ours(x).flatten(0, 1).float(), x.flatten())
+
+    contenders = {"dslib": (ours, ours_loss)}
+    if args.compile:
+        # a fresh compile cache, so the time printed is what a first run pays
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="v3-train-step-inductor-")
+        compiled_loss = torch.compile(ours_loss)
+        ours.train()
+        t0 = time.perf_counter()
+        compiled_loss().backward()  # compiles the forward and the backward
+        ours.zero_grad(set_to_none=True)
+        print(f"torch.compile of dslib's forward and loss (empty compile cache): {time.perf_counter() - t0:.1f} s "
+              f"for the first step")
+        contenders["dslib (torch.compile)"] = (ours, compiled_loss)
     for impl in impls:
         label = f"transformers ({impl}{', default' if impl == hf_default else ''})"
         contenders[label] = (reference, lambda impl=impl: hf_step(impl))
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in contenders.items()}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in contenders.items()}  # one per
+    # contender, so each keeps its own moments even where two share a model
     usable = {}
     for name, (m, loss_fn) in contenders.items():
         m.train()
@@ -169,6 +191,8 @@ def main() -> None:
     fastest = max(peers, key=peers.get)
     default = next(iter(peers))
     print(f"speedup vs {default}: {rate['dslib'] / peers[default]:.2f}x")
+    if "dslib (torch.compile)" in rate:
+        print(f"dslib compiled vs eager: {rate['dslib (torch.compile)'] / rate['dslib']:.2f}x (compilation not counted)")
     print(f"v3 train step speedup vs transformers: {rate['dslib'] / peers[fastest]:.2f}x")
 
 
