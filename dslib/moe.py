@@ -200,26 +200,28 @@ class ExpertProducts(torch.autograd.Function):
         w_gu = torch.cat([gate, up], dim=1)  # (E, 2I, d): one product for gate and up
         xs = x.to(down.dtype).index_select(0, token)  # (P, d)
         gu = _per_expert(xs, w_gu, offs)  # (P, 2I)
-        act = F.silu(gu[:, :i])
-        h = act * gu[:, i:]  # silu(gate x) * up x
+        # each half copied out once: silu and its backward run about 3x slower on a strided half than on a copy
+        gate_x, up_x = gu[:, :i].contiguous(), gu[:, i:].contiguous()
+        act = F.silu(gate_x)
+        h = act * up_x  # silu(gate x) * up x
         hw = h * weight[:, None].to(h.dtype)
         out = x.new_zeros(x.shape, dtype=down.dtype).index_add_(0, token, _per_expert(hw, down, offs))
-        ctx.save_for_backward(token, weight, offs, w_gu, down, xs, gu, act, h, hw)
+        ctx.save_for_backward(token, weight, offs, w_gu, down, xs, gate_x, up_x, act, h, hw)
         ctx.x_dtype = x.dtype
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        token, weight, offs, w_gu, down, xs, gu, act, h, hw = ctx.saved_tensors
+        token, weight, offs, w_gu, down, xs, gate_x, up_x, act, h, hw = ctx.saved_tensors
         i = down.shape[2]
         g_out = grad.to(down.dtype).index_select(0, token)  # (P, d): each pair's share of the gradient
         g_down = _weight_grads(g_out, hw, offs)  # (E, d, I)
         g_hw = _per_expert(g_out, down.transpose(1, 2), offs)  # (P, I)
         g_weight = (g_hw * h).sum(dim=1).to(weight.dtype)
         g_h = g_hw.mul_(weight[:, None].to(g_hw.dtype))
-        g_gu = torch.empty_like(gu)
+        g_gu = g_h.new_empty(g_h.shape[0], 2 * i)
         torch.mul(g_h, act, out=g_gu[:, i:])  # d/d(up x)
-        torch.ops.aten.silu_backward(g_h.mul_(gu[:, i:]), gu[:, :i], grad_input=g_gu[:, :i])  # d/d(gate x)
+        torch.ops.aten.silu_backward(g_h.mul_(up_x), gate_x, grad_input=g_gu[:, :i])  # d/d(gate x)
         g_w_gu = _weight_grads(g_gu, xs, offs)  # (E, 2I, d)
         g_xs = _per_expert(g_gu, w_gu.transpose(1, 2), offs)  # (P, d)
         g_x = grad.new_zeros(grad.shape, dtype=down.dtype).index_add_(0, token, g_xs)
