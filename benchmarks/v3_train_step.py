@@ -152,8 +152,8 @@ def main() -> None:
     for impl in impls:
         label = f"transformers ({impl}{', default' if impl == hf_default else ''})"
         contenders[label] = (reference, lambda impl=impl: hf_step(impl))
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in contenders.items()}  # one per
-    # contender, so each keeps its own moments even where two share a model
+    # one optimizer per contender, so each keeps its own moments even where two share a model
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, (m, _) in contenders.items()}
     usable = {}
     for name, (m, loss_fn) in contenders.items():
         m.train()
