@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -838,12 +838,14 @@ class MLA(nn.Module):
             w_uk, w_uv = self.up_projections()
             q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # W^UK_i^T q^C_i: (b, h, t, d_c)
             if x.shape[1] == 1:  # one decoding step: scores against the latents, two batched matrix products
-                scores = (torch.einsum("bhtc,bsc->bhts", q_lat, kv)
-                          + torch.einsum("bhtr,bsr->bhts", q_pe, k_pe)) * self.softmax_scale  # (b, h, 1, s)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                probs = scores.float().softmax(dim=-1).type_as(scores)
-                o_lat = torch.einsum("bhts,bsc->bhtc", probs, kv)  # sum_j p_j c^KV_j: (b, h, 1, d_c)
+                # The scores are laid out (b, s, h), the cache times the queries: on a CPU, this attention step ran
+                # 1.03-1.18x faster than with the same multiply-adds laid out (b, h, s), the queries times the cache.
+                q_lat1, q_pe1 = q_lat[:, :, 0].transpose(1, 2), q_pe[:, :, 0].transpose(1, 2)  # (b, d_c or d_h^R, h)
+                scores = (kv @ q_lat1 + k_pe @ q_pe1) * self.softmax_scale  # c^KV_j . q_lat + k^R_j . q^R: (b, s, h)
+                if mask is not None:  # (b, 1, 1, s) -> (b, s, 1)
+                    scores = scores.masked_fill(~mask.squeeze(2).transpose(1, 2), float("-inf"))
+                probs = scores.float().softmax(dim=1).type_as(scores)
+                o_lat = (probs.transpose(1, 2) @ kv)[:, :, None]  # sum_j p_j c^KV_j: (b, h, 1, d_c)
             else:  # a chunk: the same attention as MQA with key [c^KV; k^R] and value c^KV shared by the heads
                 k = torch.cat([kv, k_pe], dim=-1)[:, None].expand(-1, c.n_head, -1, -1)  # (b, h, s, d_c + d_h^R)
                 o_lat = _attend(torch.cat([q_lat, q_pe], dim=-1), k, kv[:, None].expand(-1, c.n_head, -1, -1), mask,

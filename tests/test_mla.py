@@ -171,6 +171,30 @@ def test_absorbed_equals_naive_equals_uncached(q_lora_rank: int):
     torch.testing.assert_close(got["absorb"], got["naive"], rtol=1e-5, atol=1e-5)
 
 
+def test_masked_decoding_step_equals_naive_and_ignores_hidden_keys():
+    """A single decoding step with an attention mask (left padding: some cached keys hidden) gives the same logits in
+    both modes, and what sits behind the mask does not change them."""
+    model = tiny()
+    x = tokens(3, 12, seed=8)
+    mask = torch.ones(3, 1, 12, 12, dtype=torch.bool).tril()
+    mask[1, ..., :4] = False  # row 1: its first 4 positions are padding
+    mask[1, 0, :4, :4] = torch.eye(4, dtype=torch.bool)  # each padding position sees itself, as left_pad's mask does
+    got = {}
+    with torch.no_grad():
+        for mode in MODES:
+            model.mode = mode
+            cache = model.new_cache(3, 12)
+            model(x[:, :11], attn_mask=mask[:, :, :11, :11], cache=cache)
+            got[mode] = model(x[:, 11:], attn_mask=mask[:, :, 11:], cache=cache)
+            cache.kv[0][1, :4].normal_()  # change what the mask hides in the first layer: the step must not see it
+            cache.pe[0][1, :4].normal_()
+            cache.length = 11
+            torch.testing.assert_close(model(x[:, 11:], attn_mask=mask[:, :, 11:], cache=cache), got[mode], rtol=0,
+                                       atol=0)
+    torch.testing.assert_close(got["absorb"], got["naive"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got["absorb"][1], got["absorb"][0])
+
+
 def test_rope_positions_follow_the_cache():
     """Prefill then single tokens equals a full forward, also when positions start later (a shifted sequence): the
     cached RoPE keys keep their positions and each new query gets the next one."""
