@@ -12,10 +12,12 @@ forward + backward:
   at this shape, and is left out);
 - for scale: the slow per-token reference, forward only, on 1/16 of the tokens and scaled up.
 
-It also times the matrix products alone, with nothing around them: the MoE layer's six grouped products (gate and up
-fused, down, and the four of the backward pass, on the benchmark's own routing, as dslib.moe calls them) against the
-dense layer's nine (three forward, six backward). Both do the same multiply-adds, so their ratio is a floor for
-`moe time vs dense-equivalent` on this machine: what routing, gathering and scattering cost comes on top of it.
+It also times the matrix products alone, with nothing around them, in the same rounds as the layers: the MoE layer's
+six grouped products (gate and up fused, down, and the four of the backward pass, on the benchmark's own routing, as
+dslib.moe calls them) against the dense layer's nine (three forward, six backward). Both do the same multiply-adds,
+so their ratio is a floor for `moe time vs dense-equivalent` on this machine: what routing, gathering and scattering
+cost comes on top of it. The lines after it give that rest, in the MoE and in the dense layer, and the spread of the
+routing's load (what a padded batched product, one equal block per expert, would waste).
 
 Every MoE contender must give the same output (checked first). Contenders are timed in alternating rounds, and the
 median round counts. Prints times and ratios; the headline lines are `moe time vs dense-equivalent` (forward +
@@ -31,6 +33,7 @@ import argparse
 import importlib.util
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +54,8 @@ def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def products_floor(moe: MoE, dense: SwiGLU, x: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """Median seconds of the MoE layer's grouped matrix products alone and of the dense layer's, forward and backward
+def products(moe: MoE, dense: SwiGLU, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The MoE layer's grouped matrix products alone and the dense layer's, forward and backward, as two calls
     (random operands of the right shapes; the MoE's blocks are the sizes its router gives x)."""
     from dslib.moe import _per_expert, _weight_grads
 
@@ -76,18 +79,7 @@ def products_floor(moe: MoE, dense: SwiGLU, x: torch.Tensor, rounds: int) -> tup
         F.linear(x, w1), F.linear(x, w3), F.linear(h, w2)
         g_y @ w2, g_y.t() @ h, g_h @ w1, g_h.t() @ x, g_h @ w3, g_h.t() @ x
 
-    seconds: dict[str, list[float]] = {"moe": [], "dense": []}
-    for r in range(rounds + 1):  # the first round warms up
-        for name, fn in (("moe", moe_products), ("dense", dense_products)):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            if r:
-                seconds[name].append(time.perf_counter() - t)
-    return statistics.median(seconds["moe"]), statistics.median(seconds["dense"])
+    return moe_products, dense_products
 
 
 def main() -> None:
@@ -182,9 +174,14 @@ def main() -> None:
 
     phases = ("forward", "forward+backward")
     seconds = {(name, ph): [] for name in layers for ph in phases}
+    moe_products, dense_products = products(moe, dense, x)
+    alone = {"MoE products": moe_products, "dense products": dense_products}  # timed in the same rounds
+    seconds.update({(name, "products"): [] for name in alone})
     for name in layers:  # warm-up
         for ph in phases:
             run(name, ph != "forward")
+    for fn in alone.values():
+        fn()
     for _ in range(args.rounds):
         for name in layers:
             for ph in phases:
@@ -195,6 +192,12 @@ def main() -> None:
                 run(name, ph != "forward")
                 sync()
                 seconds[(name, ph)].append(time.perf_counter() - t)
+        for name, fn in alone.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            seconds[(name, "products")].append(time.perf_counter() - t)
     med = {key: statistics.median(v) for key, v in seconds.items()}
     print(f"\n{'contender':<32}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd / dense':>13}{'f+b / dense':>13}")
     dense_name = "dense (same activated)"
@@ -206,10 +209,19 @@ def main() -> None:
           f"{slow_seconds / med[(dense_name, 'forward')]:>12.1f}x")
     print("\ndslib MoE against the dense layer's time: "
           + ", ".join(f"{ph} {med[('dslib MoE', ph)] / med[(dense_name, ph)]:.2f}x" for ph in phases))
-    floor_moe, floor_dense = products_floor(moe, dense, x, args.rounds)
+    floor_moe, floor_dense = med[("MoE products", "products")], med[("dense products", "products")]
     print(f"the matrix products alone (same multiply-adds): MoE's grouped {1000 * floor_moe:.1f} ms, dense "
           f"{1000 * floor_dense:.1f} ms; expert products vs dense products: {floor_moe / floor_dense:.2f}x, the floor "
           f"of the ratio below on this machine")
+    moe_fb, dense_fb = med[("dslib MoE", "forward+backward")], med[(dense_name, "forward+backward")]
+    print(f"the rest of each layer (routing, sorting, gathering, scattering, activations and their backward): MoE "
+          f"{1000 * (moe_fb - floor_moe):.1f} ms, dense {1000 * (dense_fb - floor_dense):.1f} ms; with these products, "
+          f"1.30x the dense layer leaves the MoE's rest {1000 * (1.3 * dense_fb - floor_moe):.1f} ms")
+    with torch.no_grad():
+        load = torch.bincount(moe.gate(x).indices.flatten(), minlength=e)
+    print(f"tokens per expert on this routing: {load.min().item()}-{load.max().item()} (mean {n * k / e:.0f}); a "
+          f"padded batched product (every expert padded to the busiest) would multiply "
+          f"{e * load.max().item() / (n * k):.2f}x the pairs")
     print(f"moe time vs dense-equivalent: "
           f"{med[('dslib MoE', 'forward+backward')] / med[(dense_name, 'forward+backward')]:.2f}x")
     if hf_names:
